@@ -1,0 +1,248 @@
+"""Torsos shared by both agents, and the layer map every method and diagnostic uses.
+
+Every torso is an ``nn.Sequential`` whose hidden blocks are
+``Linear/Conv2d -> [LayerNorm] -> ReLU`` (spec methods.md §1: LN on the
+pre-activation, never on the output layer, conv LN over (C, H, W)).  Layers are
+addressable by their module name, e.g. ``torso.0`` when the torso is stored as
+``self.torso`` in a Q-network.
+
+``hidden_layers(model)`` discovers those blocks by walking the model's modules in
+registration order, so a model must register its modules in forward order
+(torso first, then head) -- both agents do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+NETWORK_NAMES = ("nature_cnn", "mlp", "cnn")
+
+
+class Torso(nn.Sequential):
+    """An ``nn.Sequential`` that knows the width of its output (the features Φ)."""
+
+    def __init__(self, *modules: nn.Module, out_features: int):
+        super().__init__(*modules)
+        self.out_features = out_features
+
+
+def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None) -> list[nn.Module]:
+    modules = [layer]
+    if norm_shape is not None:
+        modules.append(nn.LayerNorm(norm_shape))
+    modules.append(nn.ReLU())
+    return modules
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def nature_cnn(in_channels: int = 4, height: int = 84, width: int = 84, layer_norm: bool = False) -> Torso:
+    """Mnih et al. 2015: conv 32@8x8/4 -> 64@4x4/2 -> 64@3x3/1 -> FC 512 (inputs already scaled)."""
+    modules: list[nn.Module] = []
+    channels, h, w = in_channels, height, width
+    for out_channels, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+        h, w = _conv_out(h, kernel, stride), _conv_out(w, kernel, stride)
+        conv = nn.Conv2d(channels, out_channels, kernel, stride)
+        modules += _block(conv, [out_channels, h, w] if layer_norm else None)
+        channels = out_channels
+    modules.append(nn.Flatten())
+    modules += _block(nn.Linear(channels * h * w, 512), 512 if layer_norm else None)
+    return Torso(*modules, out_features=512)
+
+
+def mlp(obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256), layer_norm: bool = False) -> Torso:
+    """Flatten -> [Linear -> (LN) -> ReLU] x len(hidden_sizes)."""
+    modules: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(obs_shape)
+    for size in hidden_sizes:
+        modules += _block(nn.Linear(width, size), size if layer_norm else None)
+        width = size
+    return Torso(*modules, out_features=width)
+
+
+def small_cnn(obs_shape: Sequence[int], layer_norm: bool = False, channels: Sequence[int] = (32, 64),
+              hidden_size: int = 256) -> Torso:
+    """Small CNN for 28x28 / 32x32 images: conv 3x3 (stride 2, pad 1) per entry of ``channels`` -> FC."""
+    in_channels, h, w = obs_shape
+    modules: list[nn.Module] = []
+    for out_channels in channels:
+        h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+        conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        modules += _block(conv, [out_channels, h, w] if layer_norm else None)
+        in_channels = out_channels
+    modules.append(nn.Flatten())
+    modules += _block(nn.Linear(in_channels * h * w, hidden_size), hidden_size if layer_norm else None)
+    return Torso(*modules, out_features=hidden_size)
+
+
+def default_network(obs_shape: Sequence[int]) -> str:
+    """Atari-style stacks (4x84x84) get the Nature CNN; small images and vectors an MLP."""
+    if len(obs_shape) == 3 and obs_shape[1] >= 64 and obs_shape[2] >= 64:
+        return "nature_cnn"
+    return "mlp"
+
+
+def build_torso(name: str, obs_shape: Sequence[int], layer_norm: bool = False,
+                hidden_sizes: Sequence[int] = (256, 256)) -> Torso:
+    """Build a torso by name (``nature_cnn``, ``mlp`` or ``cnn``) for observations of ``obs_shape``."""
+    if name == "nature_cnn":
+        if len(obs_shape) != 3:
+            raise ValueError(f"--network nature_cnn needs image observations (C, H, W); got shape {tuple(obs_shape)}")
+        return nature_cnn(obs_shape[0], obs_shape[1], obs_shape[2], layer_norm=layer_norm)
+    if name == "mlp":
+        return mlp(obs_shape, hidden_sizes, layer_norm=layer_norm)
+    if name == "cnn":
+        if len(obs_shape) != 3:
+            raise ValueError(f"--network cnn needs image observations (C, H, W); got shape {tuple(obs_shape)}")
+        return small_cnn(obs_shape, layer_norm=layer_norm)
+    raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
+
+
+@dataclass(eq=False)
+class HiddenLayer:
+    """One hidden block ``layer -> [norm] -> activation``, and the weight layer that consumes it.
+
+    ``name`` is the module name of the weight layer (e.g. ``torso.0``), used in
+    per-layer TensorBoard tags.  ``next_layer`` is the next Linear/Conv2d; when a
+    conv layer feeds a linear one through a Flatten, each channel owns
+    ``spatial = H*W`` consecutive input columns of ``next_layer``.
+    """
+
+    name: str
+    layer: nn.Linear | nn.Conv2d
+    norm: nn.LayerNorm | None
+    activation: nn.Module
+    next_layer: nn.Linear | nn.Conv2d
+    spatial: int = 1
+
+    @property
+    def num_units(self) -> int:
+        return self.layer.out_features if isinstance(self.layer, nn.Linear) else self.layer.out_channels
+
+
+@dataclass(eq=False)
+class LayerMap:
+    """All weight-carrying layers of a model, in forward order."""
+
+    hidden: list[HiddenLayer]
+    output: nn.Linear | nn.Conv2d
+    output_name: str
+    #: (name, module) for every Linear/Conv2d/LayerNorm, input to output.
+    ordered: list[tuple[str, nn.Module]]
+
+
+def layer_map(model: nn.Module) -> LayerMap:
+    """Discover the hidden blocks of ``model`` (modules must be registered in forward order).
+
+    A Linear/Conv2d followed (optionally through a LayerNorm) by a ReLU is hidden;
+    the last Linear/Conv2d not followed by an activation is the output layer.
+    """
+    leaves = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (*WEIGHT_LAYERS, nn.LayerNorm, nn.ReLU, nn.Flatten))]
+    ordered = [(n, m) for n, m in leaves if isinstance(m, (*WEIGHT_LAYERS, nn.LayerNorm))]
+    pending: list[tuple[str, nn.Module, nn.LayerNorm | None, nn.Module | None]] = []
+    hidden: list[HiddenLayer] = []
+    current: list = []  # [name, layer, norm, activation]
+    for name, module in leaves:
+        if isinstance(module, WEIGHT_LAYERS):
+            if current:
+                pending.append(tuple(current))
+            current = [name, module, None, None]
+        elif isinstance(module, nn.LayerNorm) and current and current[3] is None:
+            current[2] = module
+        elif isinstance(module, nn.ReLU) and current:
+            current[3] = module
+    if not current or current[3] is not None:
+        raise ValueError("layer_map: the model must end with a Linear/Conv2d output layer without activation")
+    pending.append(tuple(current))
+    for (name, layer, norm, act), (_, next_layer, _, _) in zip(pending[:-1], pending[1:]):
+        if act is None:
+            raise ValueError(f"layer_map: hidden layer {name} has no ReLU after it (pitfall 9)")
+        spatial = 1
+        if isinstance(layer, nn.Conv2d) and isinstance(next_layer, nn.Linear):
+            spatial = next_layer.in_features // layer.out_channels
+        hidden.append(HiddenLayer(name, layer, norm, act, next_layer, spatial))
+    out_name, out_layer = pending[-1][0], pending[-1][1]
+    return LayerMap(hidden=hidden, output=out_layer, output_name=out_name, ordered=ordered)
+
+
+def hidden_layers(model: nn.Module) -> list[HiddenLayer]:
+    """Shortcut for ``layer_map(model).hidden``."""
+    return layer_map(model).hidden
+
+
+class ActivationRecorder:
+    """Keeps the latest activations of every hidden block of a model, via forward hooks.
+
+    ``post[name]`` is the ReLU output, ``pre[name]`` (when ``preactivations``) the
+    input of the ReLU (after LayerNorm when present).  Tensors are detached
+    references, no copies.  With ``only_with_grad=True`` (what CBP uses) forward
+    passes under ``torch.no_grad()`` -- action selection, target computation --
+    are ignored, so the stored activations are those of the last training
+    forward.  Hooks check module identity, so a deep-copied target network
+    never writes into the recorder of the online one.
+    """
+
+    def __init__(self, model: nn.Module, preactivations: bool = False, only_with_grad: bool = False):
+        self.layers = hidden_layers(model)
+        self.only_with_grad = only_with_grad
+        self.post: dict[str, torch.Tensor] = {}
+        self.pre: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for hidden in self.layers:
+            self._handles.append(hidden.activation.register_forward_hook(self._make_hook(hidden, preactivations)))
+
+    def _make_hook(self, hidden: HiddenLayer, preactivations: bool):
+        activation = hidden.activation
+
+        def hook(module, inputs, output):
+            if module is not activation or (self.only_with_grad and not torch.is_grad_enabled()):
+                return
+            self.post[hidden.name] = output.detach()
+            if preactivations:
+                self.pre[hidden.name] = inputs[0].detach()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ActivationRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def reinit_(layer: nn.Module, rows: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
+    """Draw fresh weights from the layer's own (PyTorch default) initialiser, in place.
+
+    With ``rows`` only those output units are redrawn and their bias set to 0
+    (CBP/ReDo); without, the whole layer is redrawn (weights and bias, as
+    ``reset_parameters``).  In place, so the optimiser keeps the same Parameters.
+    """
+    fresh = torch.empty_like(layer.weight)
+    # PyTorch's default for Linear/Conv2d: kaiming_uniform_(a=sqrt(5)) on the weight, whose
+    # bound works out to 1/sqrt(fan_in) -- the same bound as the default bias init.
+    fan_in = fresh[0].numel()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        fresh.uniform_(-bound, bound, generator=generator)
+        if rows is None:
+            layer.weight.copy_(fresh)
+            if layer.bias is not None:
+                layer.bias.uniform_(-bound, bound, generator=generator)
+        else:
+            layer.weight[rows] = fresh[rows]
+            if layer.bias is not None:
+                layer.bias[rows] = 0.0
