@@ -1,0 +1,206 @@
+"""Continual Backprop: generate-and-test on hidden units (Dohare et al. 2024; spec methods.md §5).
+
+After each optimiser step, per hidden layer, from the activations h of that
+step's training forward (a conv unit is a channel, averaged over H, W):
+
+1. ages a_i += 1;
+2. f_i ← η f_i + (1 − η)·mean_b h_bi, bias-corrected f̂_i = f_i / (1 − η^{a_i});
+3. instantaneous utility y_i: ``contribution`` = mean_b |h_bi| · Σ_k |W^next_{k,i}|, or
+   ``adaptable`` = mean_b |h_bi − f̂_i| · Σ_k |W^next_{k,i}| / mean_j |W^in_{i,j}|;
+4. u_i ← η u_i + (1 − η) y_i, ranked by û_i = u_i / (1 − η^{a_i});
+5. eligible E = {i : a_i > m};
+6. r ← r + ρ·|E| (when E ≠ ∅), n = ⌊r⌋, r ← r − n;
+7. R = the n eligible units with the lowest û;
+8. next-layer bias += W^next_{:,R}·f̂_R (f̂ read BEFORE it is reset -- the
+   reference code zeroes it first, a no-op, pitfall 3), then the units are
+   made fresh by ``resets.reinitialize_units_`` (incoming weights redrawn, bias 0,
+   outgoing weights 0, LayerNorm γ = 1, β = 0 -- LN normalises across units, so
+   its statistics still change -- and their optimiser moments zeroed; see
+   ``plasticity/resets.py`` for Adam's bias correction), and u = f = a = 0.
+
+The bias correction keeps the output unchanged exactly when the replaced units'
+activation equals f̂ (for all inputs when they were dead).  After a conv layer it
+treats f̂ as the activation at every position, so for a conv -> conv junction
+with zero padding it is exact only away from the borders.
+
+Host-device synchronisation: none.  |E| and n are computed on the host from
+deterministic age bookkeeping (all units of a layer age together; a unit
+replaced at step s is ineligible while t − s ≤ m, and cannot be replaced again
+in that window), so the device-side ``age > m`` mask is only used to pick R.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+from torch import nn
+
+from plasticity.networks import ActivationRecorder, HiddenLayer
+from plasticity.resets import check_unit_norm, next_layer_columns, reinitialize_units_
+
+CBP_UTILITIES = ("contribution", "adaptable")
+
+
+def check_cbp_args(replacement_rate: float, maturity: int, decay: float, utility: str) -> None:
+    if not 0.0 <= replacement_rate <= 1.0:
+        raise ValueError(f"--cbp-replacement-rate must lie in [0, 1] (ρ, replacements per eligible unit per "
+                         f"step; 1e-4 typical); got {replacement_rate}")
+    if (isinstance(maturity, bool) or not isinstance(maturity, (int, float)) or not float(maturity).is_integer()
+            or maturity < 0):
+        raise ValueError(f"--cbp-maturity must be an integer >= 0 (steps before a unit may be replaced); "
+                         f"got {maturity!r}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"--cbp-decay must lie in [0, 1) (η of the running averages, 0.99 typical); got {decay}")
+    if utility not in CBP_UTILITIES:
+        raise ValueError(f"unknown --cbp-utility {utility!r}; choose one of {', '.join(CBP_UTILITIES)}")
+
+
+class _UnitStatistics:
+    """Running statistics of one hidden layer's units (device tensors) and its replacement bookkeeping."""
+
+    def __init__(self, num_units: int, device: torch.device):
+        self.utility = torch.zeros(num_units, device=device)
+        self.mean = torch.zeros(num_units, device=device)
+        self.age = torch.zeros(num_units, dtype=torch.long, device=device)
+        self.accumulator = 0.0  # fractional replacements carried to the next step (host)
+        self.recent: deque[tuple[int, int]] = deque()  # (step, count) of replacements in the last m steps (host)
+
+
+class ContinualBackprop:
+    """Generate-and-test on every hidden layer of ``model`` (found by ``layer_map``).
+
+    Call ``step()`` right after ``optimizer.step()``; it reads the activations of
+    the last forward pass run with gradients enabled (the training forward),
+    recorded by an ``ActivationRecorder`` -- forwards under ``torch.no_grad()``
+    (acting, targets, probes) are ignored.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, replacement_rate: float = 1e-4,
+                 maturity: int = 100, decay: float = 0.99, utility: str = "contribution",
+                 generator: torch.Generator | None = None):
+        check_cbp_args(replacement_rate, maturity, decay, utility)
+        self.optimizer = optimizer
+        self.replacement_rate, self.maturity, self.decay, self.utility = (
+            float(replacement_rate), int(maturity), float(decay), utility)
+        self.recorder = ActivationRecorder(model, only_with_grad=True)
+        self.layers: list[HiddenLayer] = self.recorder.layers
+        if not self.layers:
+            raise ValueError("continual backprop needs a network with at least one hidden layer")
+        for hidden in self.layers:
+            check_unit_norm(hidden)
+            if hidden.next_layer.bias is None:
+                raise ValueError(f"continual backprop needs a bias in {hidden.name}'s next layer for its "
+                                 "bias correction (§5 step 8)")
+        device = self.layers[0].layer.weight.device
+        self.generator = generator
+        self.stats = [_UnitStatistics(hidden.num_units, device) for hidden in self.layers]
+        self.steps = 0
+        self.total_replacements = 0  # host count
+        self.replacements = torch.zeros((), dtype=torch.long, device=device)  # same count, for logging
+        self.last_replaced: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ per-step statistics
+    def _outgoing_magnitude(self, hidden: HiddenLayer) -> torch.Tensor:
+        """Σ_k |W^next_{k,i}| per unit; after conv -> linear summed over the unit's H·W columns too."""
+        weight = hidden.next_layer.weight
+        if weight.ndim == 4:
+            return torch.linalg.vector_norm(weight, ord=1, dim=(0, 2, 3))
+        if hidden.spatial > 1:
+            return torch.linalg.vector_norm(weight.view(weight.shape[0], hidden.num_units, hidden.spatial),
+                                            ord=1, dim=(0, 2))
+        return torch.linalg.vector_norm(weight, ord=1, dim=0)
+
+    def _eligible_count(self, stats: _UnitStatistics, num_units: int) -> int:
+        """|{i : a_i > m}| from host bookkeeping, equal to ``(stats.age > m).sum()`` without a sync."""
+        if self.steps <= self.maturity:
+            return 0  # units never replaced have age == steps
+        while stats.recent and stats.recent[0][0] < self.steps - self.maturity:
+            stats.recent.popleft()
+        return num_units - sum(count for _, count in stats.recent)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One generate-and-test step on every hidden layer (§5 steps 1-8)."""
+        missing = [hidden.name for hidden in self.layers if hidden.name not in self.recorder.post]
+        if missing:
+            raise ValueError(f"continual backprop has no activations for {', '.join(missing)}: call step() once "
+                             "after each optimiser step, after a training forward pass with gradients enabled")
+        self.steps += 1
+        self.last_replaced = {}
+        keep = 1.0 - self.decay
+        for hidden, stats in zip(self.layers, self.stats):
+            activations = self.recorder.post[hidden.name]
+            unit_activations = activations.mean(dim=(2, 3)) if activations.ndim == 4 else activations  # [B, n]
+            stats.age += 1
+            stats.mean.lerp_(unit_activations.mean(0), keep)
+            bias_correction = 1.0 - torch.pow(self.decay, stats.age)
+            mean_hat = stats.mean / bias_correction
+            if self.utility == "contribution":
+                instant = unit_activations.abs().mean(0) * self._outgoing_magnitude(hidden)
+            else:
+                incoming = hidden.layer.weight.flatten(1).abs().mean(1).clamp_min(torch.finfo(mean_hat.dtype).tiny)
+                instant = ((unit_activations - mean_hat).abs().mean(0) * self._outgoing_magnitude(hidden)
+                           / incoming)
+            stats.utility.lerp_(instant, keep)
+
+            eligible = self._eligible_count(stats, hidden.num_units)
+            if eligible == 0:
+                continue
+            stats.accumulator += self.replacement_rate * eligible
+            count = math.floor(stats.accumulator)
+            stats.accumulator -= count
+            if count == 0:
+                continue
+            score = torch.where(stats.age > self.maturity, stats.utility / bias_correction, math.inf)
+            units = torch.topk(score, count, largest=False).indices
+            self._replace(hidden, stats, units, mean_hat)
+            stats.recent.append((self.steps, count))
+            self.total_replacements += count
+            self.replacements += count
+            self.last_replaced[hidden.name] = units
+        self.recorder.post.clear()  # a second step() without a new training forward is an error, not a repeat
+
+    def _replace(self, hidden: HiddenLayer, stats: _UnitStatistics, units: torch.Tensor,
+                 mean_hat: torch.Tensor) -> None:
+        """§5 step 8, in the spec's order: bias correction with f̂ first, then reset the units and their stats."""
+        next_layer = hidden.next_layer
+        if next_layer.weight.ndim == 4:
+            outgoing = next_layer.weight[:, units].sum(dim=(2, 3))  # a constant input channel through the kernel
+            next_layer.bias.add_(outgoing @ mean_hat[units])
+        else:
+            columns = next_layer_columns(hidden, units)
+            next_layer.bias.add_(next_layer.weight[:, columns] @ mean_hat[units].repeat_interleave(hidden.spatial))
+        reinitialize_units_(hidden, units, self.optimizer, self.generator)
+        stats.utility.index_fill_(0, units, 0.0)
+        stats.mean.index_fill_(0, units, 0.0)
+        stats.age.index_fill_(0, units, 0)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "total_replacements": self.total_replacements,
+            "layers": [{"utility": s.utility.clone(), "mean": s.mean.clone(), "age": s.age.clone(),
+                        "accumulator": s.accumulator, "recent": [list(event) for event in s.recent]}
+                       for s in self.stats],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layers = state["layers"]
+        if len(layers) != len(self.stats) or any(saved["age"].shape != s.age.shape for saved, s in zip(layers, self.stats)):
+            raise ValueError("CBP state does not match this model's hidden layers (a checkpoint of another network?)")
+        self.steps = int(state["steps"])
+        self.total_replacements = int(state["total_replacements"])
+        self.replacements.fill_(self.total_replacements)
+        for saved, stats in zip(layers, self.stats):
+            stats.utility.copy_(saved["utility"])
+            stats.mean.copy_(saved["mean"])
+            stats.age.copy_(saved["age"])
+            stats.accumulator = float(saved["accumulator"])
+            stats.recent = deque((int(step), int(count)) for step, count in saved["recent"])
+
+    def remove(self) -> None:
+        """Detach the activation hooks from the model."""
+        self.recorder.remove()
