@@ -1,0 +1,464 @@
+"""Run a benchmark sweep: agents × env ids × variants × seeds, as local processes or Ray tasks.
+
+Each run is its own ``python agents/<agent>.py`` process, its output in
+``<sweep-dir>/logs/<run>.log``, its run folder in ``<sweep-dir>/runs/<run>``;
+``<sweep-dir>/manifest.json`` records the grid and every run's state as runs
+start and finish.  Re-running the same command finishes the grid: completed
+runs are skipped, interrupted runs resume from their checkpoint, runs without a
+checkpoint start again.  Usage (docs/scripts.md has more):
+
+    python scripts/benchmark.py --agents dqn c51 --env-ids ImageMDP/mnist \\
+        --variants baseline= ln_l2="--layer-norm --l2 1e-5" --num-seeds 3 \\
+        --common "--shift label_permutation --total-timesteps 100000" --sweep-dir sweeps/ln_l2
+    python scripts/benchmark.py --sweep-file sweep.toml --dry-run
+    python scripts/benchmark.py --sweep-file sweep.toml --backend ray --ray-address head-node:6379
+
+Exit status: 0 when every run completed, 1 when any failed, 2 for a bad sweep
+definition, 130 when interrupted (re-run to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/benchmark.py` from a checkout
+
+from scripts.sweep import (  # noqa: E402
+    PROJECT_ROOT,
+    Manifest,
+    RunSpec,
+    Sweep,
+    changed_definitions,
+    clear_partial_run,
+    load_sweep_file,
+    make_sweep,
+    parse_variant,
+    read_status,
+    run_state,
+)
+
+LOG_TAIL_LINES = 5
+
+
+# ---- one run: a subprocess with its output in a log file (runs locally or inside a Ray task) ----
+
+def run_logged(command: list[str], log_path: str, cwd: str, env_overrides: dict[str, str],
+               on_start=None) -> dict:
+    """Run ``command`` with stdout and stderr appended to ``log_path``; return its exit code and timings.
+
+    Standard library only and self-contained, because Ray ships it by value to
+    worker nodes.  If the caller is interrupted (a cancelled Ray task), the
+    agent gets SIGTERM, which makes it write a checkpoint and stop.
+    """
+    import os
+    import shlex
+    import socket
+    import subprocess
+    import time
+
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    env = {**os.environ, **env_overrides}
+    host = socket.gethostname()
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {host}: {shlex.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=cwd, env=env)
+        if on_start is not None:
+            on_start(process)
+        try:
+            returncode = process.wait()
+        except BaseException:
+            process.terminate()
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise
+        wall_time = time.time() - started
+        log.write(f"=== exit code {returncode} after {wall_time:.1f} s\n")
+    return {"returncode": returncode, "wall_time_s": wall_time, "started": started, "finished": time.time(),
+            "host": host}
+
+
+# ---- backends: submit runs, wait for any to finish ----
+
+class LocalBackend:
+    """At most ``workers`` runs at once, each a child process of this one."""
+
+    def __init__(self, workers: int):
+        self.max_in_flight = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def _track(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+
+    def _run(self, command, log_path, cwd, env) -> dict:
+        result = run_logged(command, log_path, cwd, env, on_start=self._track)
+        with self._lock:
+            self._processes = {p for p in self._processes if p.poll() is None}
+        return result
+
+    def submit(self, command: list[str], log_path: Path, cwd: Path, env: dict[str, str]):
+        return self._pool.submit(self._run, command, str(log_path), str(cwd), env)
+
+    def wait(self, handles: list, timeout: float = 1.0) -> list:
+        done, _ = concurrent.futures.wait(handles, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, handle) -> dict:
+        return handle.result()
+
+    def cancel(self, handles: list) -> None:
+        """SIGTERM to the running agents: each writes a checkpoint and exits (resumable)."""
+        with self._lock:
+            for process in self._processes:
+                if process.poll() is None:
+                    process.terminate()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class RayBackend:
+    """Each run a Ray task (a subprocess on some worker node) on an existing cluster.
+
+    The project checkout, its Python environment and the sweep folder must be at
+    the same paths on every node (shared storage): the task runs the same
+    command line there and writes the run folder and log in place.
+    """
+
+    def __init__(self, address: str, cpus_per_run: float, gpus_per_run: float, max_in_flight: int | None):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--backend ray needs Ray: pip install 'plasticity-rl[ray]' (or pip install 'ray>=2.9')") \
+                from None
+        if not address:
+            raise ValueError("--backend ray needs --ray-address HOST:PORT of a running cluster "
+                             "(started with `ray start --head`), or 'auto' on a cluster node")
+        import logging
+
+        self._ray = ray
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ValueError(f"cannot connect to the Ray cluster at {address} ({error}); "
+                             "check the address printed by `ray start --head`") from None
+        fitting = [node for node in ray.nodes() if node.get("Alive")
+                   and node["Resources"].get("CPU", 0) >= cpus_per_run
+                   and node["Resources"].get("GPU", 0) >= gpus_per_run]
+        if not fitting:
+            ray.shutdown()
+            raise ValueError(f"no node of the Ray cluster at {address} has {cpus_per_run} CPU and {gpus_per_run} GPU "
+                             "free for one run; lower --cpus-per-run / --gpus-per-run or add nodes")
+        if run_logged.__module__ != "__main__":  # ship the function itself; workers need not import scripts/
+            ray.cloudpickle.register_pickle_by_value(sys.modules[run_logged.__module__])
+        self._remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(run_logged)
+        self.max_in_flight = max_in_flight or sys.maxsize  # the cluster's resources bound what runs at once
+
+    def submit(self, command: list[str], log_path: Path, cwd: Path, env: dict[str, str]):
+        return self._remote.remote(command, str(log_path), str(cwd), env)
+
+    def wait(self, handles: list, timeout: float = 1.0) -> list:
+        done, _ = self._ray.wait(handles, num_returns=1, timeout=timeout)
+        return done
+
+    def result(self, handle) -> dict:
+        return self._ray.get(handle)
+
+    def cancel(self, handles: list) -> None:
+        """Interrupt the tasks: run_logged sends SIGTERM to its agent, which checkpoints and exits."""
+        for handle in handles:
+            self._ray.cancel(handle, force=False)
+
+    def close(self) -> None:
+        self._ray.shutdown()
+
+
+# ---- the sweep loop ----
+
+def plan(sweep: Sweep, runs: list[RunSpec]) -> list[tuple[RunSpec, str]]:
+    """What each run needs: ``skip`` (completed), ``resume`` (checkpoint, not completed) or ``fresh``."""
+    actions = {"completed": "skip", "resumable": "resume", "new": "fresh"}
+    return [(run, actions[run_state(sweep.run_dir(run))]) for run in runs]
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join("    | " + line for line in text[-lines:])
+
+
+def _outcome(sweep: Sweep, run: RunSpec, result: dict | None, error: str | None) -> tuple[str, str]:
+    """(manifest state, note) of a run whose process ended."""
+    if error is not None:
+        return "failed", error
+    status = read_status(sweep.run_dir(run)) or {}
+    if result["returncode"] == 0 and status.get("status") == "completed":
+        return "completed", ""
+    if status.get("status") == "interrupted":
+        return "pending", f"interrupted at step {status.get('global_step')}; re-run the sweep to resume it"
+    if result["returncode"] == 0:
+        return "failed", "the agent exited with status 0 but its status.json does not say completed"
+    return "failed", f"exit code {result['returncode']}"
+
+
+def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest: Manifest, python: str,
+            env: dict[str, str]) -> dict[str, int]:
+    """Run every planned run that is not skipped, at most ``backend.max_in_flight`` at once; update the manifest."""
+    counts = {"completed": 0, "resumed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
+    queue = deque()
+    for run, action in planned:
+        if action == "skip":
+            manifest.update(run.name, status="skipped")
+            counts["skipped"] += 1
+        else:
+            queue.append((run, action))
+    total = len(queue)
+    in_flight: dict = {}
+    finished = 0
+    interrupted = False
+    while queue or in_flight:
+        try:
+            while queue and not interrupted and len(in_flight) < backend.max_in_flight:
+                run, action = queue.popleft()
+                if action == "fresh" and clear_partial_run(sweep.run_dir(run)):
+                    print(f"note: removed {sweep.run_dir(run)} (no checkpoint to resume); starting it again")
+                command = sweep.command(run, python, resume=action == "resume")
+                manifest.update(run.name, status="running", action=action, command=command, returncode=None,
+                                wall_time_s=None, started=time.time(), finished=None, note="")
+                in_flight[backend.submit(command, sweep.log_path(run), PROJECT_ROOT, env)] = (run, action)
+                print(f"[start] {run.name} ({'resuming from its checkpoint' if action == 'resume' else 'fresh'})",
+                      flush=True)
+            for handle in backend.wait(list(in_flight)):
+                run, action = in_flight.pop(handle)
+                result, error = None, None
+                try:
+                    result = backend.result(handle)
+                except Exception as exc:  # a task that never ran or died with its worker
+                    error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                state, note = _outcome(sweep, run, result, error)
+                fields = {"status": state, "note": note}
+                if result is not None:
+                    fields.update(returncode=result["returncode"], wall_time_s=round(result["wall_time_s"], 3),
+                                  started=result["started"], finished=result["finished"], host=result["host"])
+                manifest.update(run.name, **fields)
+                finished += 1
+                log = sweep.log_path(run)
+                if state == "completed":
+                    counts["completed"] += 1
+                    counts["resumed"] += action == "resume"
+                    print(f"[done {finished}/{total}] {run.name} completed in {result['wall_time_s']:.1f} s",
+                          flush=True)
+                elif state == "pending":
+                    counts["interrupted"] += 1
+                    print(f"[stopped {finished}/{total}] {run.name}: {note} (log: {log})", flush=True)
+                else:
+                    counts["failed"] += 1
+                    print(f"[FAILED {finished}/{total}] {run.name}: {note}; log: {log}\n{_log_tail(log)}", flush=True)
+        except KeyboardInterrupt:
+            if interrupted:  # second Ctrl-C: stop the agents now (each still checkpoints on SIGTERM)
+                print("\nstopping the running agents", file=sys.stderr, flush=True)
+                backend.cancel(list(in_flight))
+                continue
+            interrupted = True
+            for run, _action in queue:
+                manifest.update(run.name, status="pending")
+            queue.clear()
+            print(f"\ninterrupted: no new runs start; waiting for {len(in_flight)} running run(s) to checkpoint "
+                  "and stop (Ctrl-C again to stop them now). Re-run the same command to continue.",
+                  file=sys.stderr, flush=True)
+            if not isinstance(backend, LocalBackend):
+                backend.cancel(list(in_flight))  # Ray tasks do not see this terminal's Ctrl-C
+    counts["aborted"] = int(interrupted)
+    return counts
+
+
+# ---- command line ----
+
+def _merge_common_value(argv: list[str]) -> list[str]:
+    """``--common "--layer-norm"`` -> ``--common=--layer-norm`` (argparse takes a lone value starting with -- for a flag)."""
+    merged, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--common" and i + 1 < len(argv):
+            merged.append(f"--common={argv[i + 1]}")
+            i += 2
+        else:
+            merged.append(argv[i])
+            i += 1
+    return merged
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run agents x env ids x variants x seeds, resumably, locally or on a Ray cluster.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sweep-file", help="TOML (or YAML, with PyYAML) file with the fields below; flags "
+                        "given on the command line override it")
+    parser.add_argument("--agents", nargs="+", help="agent files under --agent-dir, e.g. dqn c51")
+    parser.add_argument("--env-ids", nargs="+", help="env ids, e.g. ImageMDP/mnist ALE/Breakout-v5")
+    parser.add_argument("--variants", nargs="+", metavar="NAME=FLAGS",
+                        help='named flag sets, e.g. baseline= ln_l2="--layer-norm --l2 1e-5" (default: one '
+                        'variant "default" with no flags)')
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 1)")
+    seeds.add_argument("--num-seeds", type=int, help="seeds 1..N")
+    parser.add_argument("--common", help='agent flags for every run, e.g. "--total-timesteps 100000"')
+    parser.add_argument("--sweep-dir", help="folder for runs/, logs/ and manifest.json (with Ray: a path every "
+                        "node sees)")
+    parser.add_argument("--workers", type=int, help="runs at once (default: one per CPU core locally; with Ray: "
+                        "as many as the cluster's resources allow)")
+    parser.add_argument("--threads-per-run", type=int, help="OMP/MKL threads of each run (default: cores / "
+                        "workers locally, --cpus-per-run with Ray)")
+    parser.add_argument("--backend", choices=("local", "ray"), help="where runs execute (default: local)")
+    parser.add_argument("--ray-address", help="address of a running Ray cluster (HOST:PORT, or 'auto' on a node)")
+    parser.add_argument("--cpus-per-run", type=float, help="Ray: CPUs each run requests (default: 1)")
+    parser.add_argument("--gpus-per-run", type=float, help="Ray: GPUs each run requests (default: 0)")
+    parser.add_argument("--python", help="interpreter for the runs (default: this one; the same path on Ray nodes)")
+    parser.add_argument("--agent-dir", help="folder holding <agent>.py (default: this project's agents/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and what each run needs; run nothing")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """File fields, overridden by the flags given on the command line."""
+    settings = load_sweep_file(args.sweep_file) if args.sweep_file else {}
+    for key, value in vars(args).items():
+        if key not in ("sweep_file", "dry_run") and value is not None:
+            settings[key] = value
+    if isinstance(settings.get("variants"), list):
+        variants = {}
+        for text in settings["variants"]:
+            name, flags = parse_variant(text)
+            if name in variants:
+                raise ValueError(f"variant {name!r} is given twice")
+            variants[name] = flags
+        settings["variants"] = variants
+    if args.seeds is not None:
+        settings.pop("num_seeds", None)
+    if args.num_seeds is not None:
+        settings.pop("seeds", None)
+    return settings
+
+
+def _print_plan(sweep: Sweep, planned, python: str, backend: str, workers) -> None:
+    print(f"sweep folder: {sweep.sweep_dir}")
+    print(f"{len(planned)} runs = {len(sweep.agents)} agents x {len(sweep.env_ids)} env ids x "
+          f"{len(sweep.variants)} variants x {len(sweep.seeds)} seeds; backend {backend}, workers {workers}")
+    for run, action in planned:
+        command = sweep.command(run, python, resume=action == "resume")
+        print(f"  {action:6s} {run.name}\n         {shlex.join(command)}")
+
+
+def _acquire_lock(sweep_dir: Path):
+    """One benchmark.py per sweep folder: two would start the same runs twice."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(sweep_dir / ".sweep.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(f"another benchmark.py (pid {owner}) is running on {sweep_dir}; wait for it or use "
+                         "another --sweep-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_merge_common_value(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        settings = _settings(args)
+        sweep = make_sweep(settings.get("agents"), settings.get("env_ids"), settings.get("variants"),
+                           seeds=settings.get("seeds"), num_seeds=settings.get("num_seeds"),
+                           common=settings.get("common", ""), sweep_dir=settings.get("sweep_dir"),
+                           agent_dir=settings.get("agent_dir"))
+        backend_name = settings.get("backend", "local")
+        if backend_name not in ("local", "ray"):
+            raise ValueError(f"backend must be local or ray, got {backend_name!r}")
+        workers = settings.get("workers")
+        if workers is not None and int(workers) < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        cores = os.cpu_count() or 1
+        if backend_name == "local":
+            workers = int(workers or cores)
+        python = settings.get("python") or sys.executable
+        runs = sweep.runs()
+        planned = plan(sweep, runs)
+        if args.dry_run:
+            _print_plan(sweep, planned, python, backend_name, workers or "as the cluster allows")
+            return 0
+        lock = _acquire_lock(sweep.sweep_dir)
+        previous = Manifest.read(sweep.manifest_path)
+        changed = changed_definitions(previous, runs, sweep)
+        if changed:
+            raise ValueError(f"{len(changed)} run(s) in {sweep.runs_dir} were started with other flags than this "
+                             f"sweep gives them (e.g. {changed[0]}); use a new --sweep-dir, or delete those run "
+                             "folders to redo them")
+        threads = settings.get("threads_per_run")
+        if backend_name == "local":
+            backend = LocalBackend(workers)
+            threads = threads or max(1, cores // workers)
+        else:
+            backend = RayBackend(settings.get("ray_address"), float(settings.get("cpus_per_run", 1)),
+                                 float(settings.get("gpus_per_run", 0)), workers)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # Unbuffered output so logs are live; one thread budget per run so parallel runs do not oversubscribe cores.
+    env = {"PYTHONUNBUFFERED": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    manifest = Manifest(sweep, runs)
+    manifest.adopt_previous(previous)
+    manifest.write()
+    print(f"sweep {sweep.sweep_dir}: {len(runs)} runs, {sum(a != 'skip' for _, a in planned)} to run "
+          f"({sum(a == 'resume' for _, a in planned)} to resume), backend {backend_name}", flush=True)
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid> acts as Ctrl-C
+    try:
+        counts = execute(sweep, planned, backend, manifest, python, env)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        backend.close()
+        lock.close()
+    print(f"sweep finished: {counts['completed']} completed ({counts['resumed']} resumed), "
+          f"{counts['skipped']} skipped (already completed), {counts['failed']} failed"
+          + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+          + f"; manifest: {sweep.manifest_path}")
+    if counts["failed"]:
+        print("failed runs (logs):", file=sys.stderr)
+        for record in manifest.records.values():
+            if record["status"] == "failed":
+                print(f"  {record['name']}: {record.get('note', '')}; {sweep.sweep_dir / record['log']}",
+                      file=sys.stderr)
+        return 1
+    return 130 if counts["interrupted"] or counts["aborted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
