@@ -1,0 +1,226 @@
+"""Soft Weight Rescaling against methods.md §4 (properties 4.1-4.4)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from plasticity.networks import layer_map, mlp, small_cnn
+from plasticity.swr import SoftWeightRescaling
+
+SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mlp(layer_norm=False, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(*mlp((6,), (16, 16), layer_norm=layer_norm), nn.Linear(16, 3))
+
+
+def _cnn(layer_norm=False, seed=0):
+    torch.manual_seed(seed)
+    torso = small_cnn((2, 12, 12), layer_norm=layer_norm, channels=(4, 8), hidden_size=16)
+    return nn.Sequential(torso, nn.Linear(16, 5))
+
+
+def _perturb_(model, seed=1):
+    """Move every weight away from its initial norm (factors 0.5-3) so that c_l ≠ 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5 + 2.5 * torch.rand((), generator=generator))
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _reference_step(model, init_norms, coef, head_coef):
+    """§4 read literally, in float64: returns ({param: expected value}, output scale)."""
+    layers = layer_map(model)
+    expected, running = {}, 1.0
+    for (_, module), norm0 in zip(layers.ordered, init_norms):
+        lam = head_coef if module is layers.output else coef
+        norm = module.weight.detach().double().norm()
+        c = (lam * norm0 + (1 - lam) * norm) / norm
+        running = c if isinstance(module, nn.LayerNorm) else running * c  # restart at a normalisation layer
+        expected[module.weight] = c * module.weight.detach().double()
+        expected[module.bias] = running * module.bias.detach().double()
+    return expected, running
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn])
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("coef, head_coef", [(0.3, None), (0.3, 0.05), (1.0, 0.0)])
+def test_step_matches_definition(build, layer_norm, coef, head_coef):
+    model = build(layer_norm)
+    init_norms = [m.weight.detach().double().norm() for _, m in layer_map(model).ordered]
+    swr = SoftWeightRescaling(model, coef, head_coef)
+    _perturb_(model)
+    expected, scale = _reference_step(model, init_norms, coef, coef if head_coef is None else head_coef)
+    returned = swr.step()
+    for param, value in expected.items():
+        torch.testing.assert_close(param.detach().double(), value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(returned.double(), scale, rtol=1e-5, atol=0)
+    assert returned is swr.last_scale and returned.shape == ()
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn])
+def test_property_4_1_outputs_scale_by_product_of_factors(build):
+    """Theorem 1: without normalisation one step multiplies every output by exactly Π c_l; argmax unchanged."""
+    model = build(False)
+    swr = SoftWeightRescaling(model, 0.3)
+    _perturb_(model)
+    x = torch.randn(32, *((6,) if build is _mlp else (2, 12, 12)))
+    norms = torch.stack([m.weight.detach().norm() for _, m in layer_map(model).ordered])
+    factors = (0.3 * swr.init_norms + 0.7 * norms) / norms
+    before = model(x).detach()
+    scale = swr.step()
+    after = model(x).detach()
+    torch.testing.assert_close(scale, factors.prod(), rtol=1e-6, atol=0)
+    assert abs(scale.item() - 1) > 0.05  # the test is not vacuous
+    torch.testing.assert_close(after, scale * before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after.argmax(1), before.argmax(1))
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn])
+def test_property_4_1_with_layer_norm_outputs_scale_from_the_final_norm_layer(build):
+    model = build(True)
+    swr = SoftWeightRescaling(model, 0.3, head_coef=0.2)
+    _perturb_(model)
+    x = torch.randn(32, *((6,) if build is _mlp else (2, 12, 12)))
+    ordered = [m for _, m in layer_map(model).ordered]
+    final_norm = max(i for i, m in enumerate(ordered) if isinstance(m, nn.LayerNorm))
+    norms = torch.stack([m.weight.detach().norm() for m in ordered])
+    coefs = torch.tensor([0.3] * (len(ordered) - 1) + [0.2])
+    factors = (coefs * swr.init_norms + (1 - coefs) * norms) / norms
+    before = model(x).detach()
+    scale = swr.step()
+    torch.testing.assert_close(scale, factors[final_norm:].prod(), rtol=1e-6, atol=0)
+    assert abs(factors[:final_norm].prod().item() - 1) > 0.05  # layers before k are rescaled but do not count
+    torch.testing.assert_close(model(x).detach(), scale * before, rtol=1e-4, atol=1e-5)  # LN eps: not exact
+
+
+def _nonstationary_run(swr_coef, steps=800, switch_every=50):
+    """A new regression task every `switch_every` steps (fresh inputs, targets of scale 10), Adam lr 1e-2."""
+    model = _mlp(seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    swr = SoftWeightRescaling(model, swr_coef) if swr_coef else None
+    generator = torch.Generator().manual_seed(0)
+    weights = [m.weight for _, m in layer_map(model).ordered]
+    history = []
+    for t in range(steps):
+        if t % switch_every == 0:
+            x, y = torch.randn(64, 6, generator=generator), 10 * torch.randn(64, 3, generator=generator)
+        loss = (model(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if swr is not None:
+            swr.step()
+        if (t + 1) % 100 == 0:
+            history.append(torch.stack([w.detach().norm() for w in weights]))
+    return torch.stack(history)  # [checkpoints every 100 steps, layers]
+
+
+def test_property_4_2_norms_plateau_with_swr_and_grow_without():
+    """Theorem 2: over the second half of the run the SWR norms stay flat; the baseline's still grow."""
+    baseline = _nonstationary_run(0.0)
+    rescaled = _nonstationary_run(1e-2)
+    middle = 3  # after 400 of 800 steps
+    baseline_growth = baseline[-1] / baseline[middle]
+    assert (baseline_growth[:2] > 1.1).all(), f"baseline hidden norms should keep growing: {baseline_growth}"
+    assert (baseline[1:] > baseline[:-1])[:, :2].all(), f"baseline hidden norms grow monotonically: {baseline}"
+    assert (rescaled[middle + 1:] <= 1.05 * rescaled[middle]).all(), f"SWR norms should plateau: {rescaled}"
+    assert (rescaled[-1] < baseline[-1]).all()
+
+
+def test_property_4_3_norm_ratios_move_toward_their_initial_values():
+    model = _mlp(layer_norm=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    swr = SoftWeightRescaling(model, 0.05)
+    r0 = swr.init_norms[:, None] / swr.init_norms[None, :]
+    weights = swr.weights
+    x, y = torch.randn(64, 6), 5 * torch.randn(64, 3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        optimizer.step()
+        norms = torch.stack([w.detach().norm() for w in weights])
+        gap_before = (norms[:, None] / norms[None, :] - r0).abs()
+        swr.step()
+        norms = torch.stack([w.detach().norm() for w in weights])
+        gap_after = (norms[:, None] / norms[None, :] - r0).abs()
+        assert (gap_after <= gap_before + 1e-6).all()
+    assert gap_before.max() > 0.1  # training did move the ratios
+
+
+def test_property_4_4_one_fused_norm_and_no_host_sync():
+    model = _cnn(layer_norm=True)
+    swr = SoftWeightRescaling(model, 0.1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        swr.step()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert not SYNC_OPS & counts.keys(), f"host-device sync in SWR: {SYNC_OPS & counts.keys()}"
+    assert counts["aten::_foreach_norm"] == 1
+    assert counts["aten::_foreach_mul_"] == 2  # weights, biases
+
+
+def test_zero_weight_layer_stays_finite():
+    model = _mlp()
+    swr = SoftWeightRescaling(model, 0.5)
+    with torch.no_grad():
+        model[-1].weight.zero_()
+    swr.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model[-1].weight, torch.zeros_like(model[-1].weight))
+
+
+def test_state_dict_roundtrip_and_mismatch(tmp_path):
+    model = _mlp()
+    swr = SoftWeightRescaling(model, 0.1)
+    torch.save(swr.state_dict(), tmp_path / "swr.pt")
+    _perturb_(model)
+    restored = SoftWeightRescaling(model, 0.1)  # would record the perturbed norms as ‖W^0‖
+    restored.load_state_dict(torch.load(tmp_path / "swr.pt", weights_only=True))
+    assert torch.equal(restored.init_norms, swr.init_norms)
+    with pytest.raises(ValueError, match="layer norms"):
+        SoftWeightRescaling(_cnn(), 0.1).load_state_dict(swr.state_dict())
+
+
+@pytest.mark.parametrize("coef, head_coef, flag", [(-0.1, None, "--swr "), (1.5, None, "--swr "),
+                                                   (0.1, 2.0, "--swr-head")])
+def test_invalid_coefficients(coef, head_coef, flag):
+    with pytest.raises(ValueError, match=flag):
+        SoftWeightRescaling(_mlp(), coef, head_coef)
+
+
+def test_rescaled_tensors_are_weights_and_norm_gains_in_forward_order():
+    """The layers SWR rescales are exactly the Linear/Conv2d weights and LN γ, in forward order."""
+    model = _cnn(layer_norm=True)
+    swr = SoftWeightRescaling(model, 0.1)
+    expected = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm))]
+    assert len(swr.weights) == len(expected) and all(a is b for a, b in zip(swr.weights, expected))
+
+
+@pytest.mark.gpu
+def test_swr_on_cuda_matches_cpu_without_sync():
+    model = _cnn(layer_norm=True)
+    _perturb_(model)
+    cuda_model = _cnn(layer_norm=True).cuda()
+    cuda_model.load_state_dict(model.state_dict())
+    swr, cuda_swr = SoftWeightRescaling(model, 0.3), SoftWeightRescaling(cuda_model, 0.3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_scale = cuda_swr.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scale = swr.step()
+    torch.testing.assert_close(cuda_scale.cpu(), scale, rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)
