@@ -1,0 +1,131 @@
+"""Aggregates over runs and their confidence intervals, and the alignment of logged curves.
+
+Point estimates and intervals follow rliable (Agarwal et al. 2021, "Deep RL at
+the Edge of the Statistical Precipice"), re-implemented here in numpy because
+rliable's dependency ``arch`` does not import with the project's numpy 2 /
+pandas 3 stack:
+
+- ``mean``: the mean over tasks of the per-task mean over runs
+  (``rliable.metrics.aggregate_mean``).
+- ``iqm``: the interquartile mean of all run scores pooled over tasks, i.e.
+  ``scipy.stats.trim_mean(scores, 0.25, axis=None)``: sort the n scores, drop
+  ``int(0.25 n)`` from each end, average the rest (``aggregate_iqm``).
+- Confidence interval: stratified bootstrap, percentile method
+  (``rliable.library.get_interval_estimates``): each replicate resamples, with
+  replacement, the runs of every task separately (a task = one env), keeping
+  each task's run count; the interval is the (α/2, 1 − α/2) percentiles of the
+  replicate aggregates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AGGREGATES = ("mean", "iqm")
+#: Elements of one bootstrap chunk (replicates × runs × grid points): bounds memory on long curves.
+BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+
+
+def iqm(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Interquartile mean along ``axis``: the mean of the sorted scores without ``int(0.25 n)`` at each end."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64), axis=axis)
+    n = scores.shape[axis]
+    cut = int(0.25 * n)
+    return np.take(scores, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+
+
+def aggregate(tasks: list[np.ndarray], method: str) -> np.ndarray:
+    """Aggregate per-task score arrays ``tasks[t]`` of shape (..., runs_t, points) over runs and tasks.
+
+    Leading dimensions (bootstrap replicates) are kept: the result has shape (..., points).
+    """
+    if method == "mean":
+        return np.mean([task.mean(axis=-2) for task in tasks], axis=0)
+    if method == "iqm":
+        return iqm(np.concatenate(tasks, axis=-2), axis=-2)
+    raise ValueError(f"unknown aggregate {method!r}; one of {', '.join(AGGREGATES)}")
+
+
+def stratified_bootstrap_ci(tasks: list[np.ndarray], method: str, reps: int = 2000, confidence: float = 0.95,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(point estimate, lower, upper) of ``aggregate(tasks, method)``, each of shape (points,).
+
+    ``tasks[t]`` is an array (runs_t, points): the scores of task t's runs at each point
+    (a curve's grid steps, or one final score).  A task with a single run contributes
+    no sampling variability, so with one run everywhere the interval collapses to the point.
+    """
+    tasks = [np.asarray(task, dtype=np.float64) for task in tasks]
+    if not tasks or any(task.ndim != 2 or len(task) == 0 for task in tasks):
+        raise ValueError("stratified_bootstrap_ci needs, per task, an array of shape (runs >= 1, points)")
+    if reps < 1:
+        raise ValueError(f"the number of bootstrap replicates must be at least 1, got {reps}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    num_points = tasks[0].shape[1]
+    num_runs = sum(len(task) for task in tasks)
+    rng = np.random.default_rng(seed)
+    replicates = np.empty((reps, num_points))
+    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // (num_runs * num_points))
+    for start in range(0, reps, chunk):
+        count = min(chunk, reps - start)
+        # Stratified: every task's runs are resampled among themselves.
+        resampled = [task[rng.integers(0, len(task), size=(count, len(task)))] for task in tasks]
+        replicates[start:start + count] = aggregate(resampled, method)
+    alpha = 1.0 - confidence
+    lower, upper = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return aggregate(tasks, method), lower, upper
+
+
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value and the ``window - 1`` logged before it (fewer at the start); window 1 is the identity."""
+    if window < 1:
+        raise ValueError(f"the smoothing window must be at least 1 logged point, got {window}")
+    values = np.asarray(values, dtype=np.float64)
+    if window == 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def step_grid(step_arrays: list[np.ndarray], num_points: int) -> np.ndarray:
+    """Steps at which to compare curves: inside every curve's range (no extrapolation).
+
+    The union of the logged steps in the common range when it has at most
+    ``num_points`` steps (runs logged at the same steps are then compared exactly),
+    otherwise ``num_points`` evenly spaced steps over the common range.
+    """
+    if num_points < 2:
+        raise ValueError(f"a curve needs at least 2 grid points, got {num_points}")
+    start = max(float(steps[0]) for steps in step_arrays)
+    end = min(float(steps[-1]) for steps in step_arrays)
+    if start > end:
+        raise ValueError("the runs' logged step ranges do not overlap")
+    union = np.unique(np.concatenate(step_arrays)).astype(np.float64)
+    union = union[(union >= start) & (union <= end)]
+    if len(union) <= num_points:
+        return union
+    return np.linspace(start, end, num_points)
+
+
+def interpolate(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of one run's curve at ``grid`` (which must lie inside the run's range)."""
+    return np.interp(grid, np.asarray(steps, dtype=np.float64), values)
+
+
+def final_window_mean(steps: np.ndarray, values: np.ndarray, last_step: int, final_frac: float) -> float:
+    """Mean of the values logged in the last ``final_frac`` of the run, steps >= (1 - final_frac) * last_step.
+
+    ``last_step`` is the run's progress (its last logged step over all tags).  When no
+    value of this tag falls in the window (a rarely logged tag), its last value is used.
+    """
+    if not 0.0 < final_frac <= 1.0:
+        raise ValueError(f"--final-frac must be in (0, 1], got {final_frac}")
+    in_window = steps >= (1.0 - final_frac) * last_step
+    return float(values[in_window].mean()) if in_window.any() else float(values[-1])
+
+
+def change_steps(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Steps at which a piecewise-constant series (e.g. charts/task_id) takes a new value."""
+    return steps[1:][np.diff(values) != 0]

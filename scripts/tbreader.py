@@ -1,0 +1,143 @@
+"""Read run folders written by the agents: config.json, status.json and every TensorBoard scalar.
+
+Spec agents.md "Outputs of one run".  Event files are read with TensorBoard's
+own loader (``event_file_loader.EventFileLoader``); a run resumed from a
+checkpoint has several event files, merged the way TensorBoard shows them:
+files in the order they were written, a ``SessionLog.START`` event (written by
+``SummaryWriter(purge_step=...)`` on resume) drops every earlier value at or
+after its step, and among values logged at the same step the last one written
+wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EVENT_FILE_MARKER = "events.out.tfevents."
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One scalar tag of one run: strictly increasing steps and their values."""
+
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64
+
+
+@dataclass
+class RunData:
+    path: Path
+    config: dict
+    status: dict | None
+    scalars: dict[str, Series] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    """every scalar tag in the run's event files (``scalars`` may hold only the requested ones)"""
+    last_step: int = 0
+    """the furthest step any scalar was logged at (the run's progress), over all tags"""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def completed(self) -> bool:
+        return self.status is not None and self.status.get("status") == "completed"
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return [path for path in Path(run_dir).iterdir() if EVENT_FILE_MARKER in path.name and path.is_file()]
+
+
+def find_run_dirs(paths) -> list[Path]:
+    """Every folder under ``paths`` (run folders, sweep folders, a runs/ folder) that holds event files."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; pass run folders or sweep folders")
+        if path.is_file():
+            raise ValueError(f"{path} is a file; pass the run folder that holds it (or a sweep folder)")
+        for folder, _subfolders, files in os.walk(path):
+            if any(EVENT_FILE_MARKER in name for name in files):
+                found.add(Path(folder))
+    if not found:
+        raise FileNotFoundError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(map(str, paths))}; "
+                                "pass run folders (runs/<run>) or a sweep folder (its runs are found below it)")
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or delete it") from None
+
+
+def _ordered_event_files(run_dir: Path) -> list[Path]:
+    """Event files in the order they were written: by the wall time of their first event, then by name."""
+    from tensorboard.backend.event_processing import event_file_loader
+
+    def first_wall_time(path: Path) -> float:
+        for event in event_file_loader.EventFileLoader(str(path)).Load():
+            return event.wall_time
+        return float("inf")  # an empty file sorts last and contributes nothing
+
+    return sorted(event_files(run_dir), key=lambda path: (first_wall_time(path), path.name))
+
+
+def read_scalars(run_dir: Path, wanted=None) -> tuple[dict[str, Series], tuple[str, ...], int]:
+    """The scalars of ``run_dir`` whose tag passes ``wanted(tag)`` (all when None), every scalar tag seen,
+    and the last step of any scalar (after purges)."""
+    from tensorboard import data_compat
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+    from tensorboard.util import tensor_util
+
+    by_tag: dict[str, dict[int, float]] = {}
+    seen: set[str] = set()
+    last_step = 0
+    for path in _ordered_event_files(run_dir):
+        for event in event_file_loader.EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                # A resumed run: what the interrupted run logged from here on is superseded.
+                for values in by_tag.values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
+                last_step = min(last_step, event.step)
+            for value in event.summary.value:
+                value = data_compat.migrate_value(value)
+                if value.metadata.plugin_data.plugin_name != "scalars":
+                    continue
+                seen.add(value.tag)
+                last_step = max(last_step, event.step)
+                if wanted is not None and not wanted(value.tag):
+                    continue
+                by_tag.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+    scalars = {}
+    for tag, values in by_tag.items():
+        if not values:
+            continue
+        steps = np.fromiter(values.keys(), dtype=np.int64, count=len(values))
+        order = np.argsort(steps, kind="stable")
+        scalars[tag] = Series(steps[order], np.fromiter(values.values(), dtype=np.float64, count=len(values))[order])
+    return scalars, tuple(sorted(seen)), last_step
+
+
+def load_run(run_dir: Path, wanted=None) -> RunData:
+    run_dir = Path(run_dir)
+    scalars, tags, last_step = read_scalars(run_dir, wanted)
+    return RunData(path=run_dir, config=_read_json(run_dir / CONFIG_FILE) or {},
+                   status=_read_json(run_dir / STATUS_FILE), scalars=scalars, tags=tags, last_step=last_step)
+
+
+def load_runs(paths, wanted=None) -> list[RunData]:
+    """Every run under ``paths`` (see ``find_run_dirs``), with the scalars whose tag passes ``wanted``."""
+    return [load_run(run_dir, wanted) for run_dir in find_run_dirs(paths)]
