@@ -18,6 +18,11 @@ step's training forward (a conv unit is a channel, averaged over H, W):
    its statistics still change -- and their optimiser moments zeroed; see
    ``plasticity/resets.py`` for Adam's bias correction), and u = f = a = 0.
 
+Layers are processed input to output, so a replaced unit of the next layer
+gets fresh incoming weights from all its inputs, including the columns just
+zeroed for this layer's replaced units (its own outgoing weights are 0, so the
+output is unaffected).
+
 The bias correction keeps the output unchanged exactly when the replaced units'
 activation equals f̂ (for all inputs when they were dead).  After a conv layer it
 treats f̂ as the activation at every position, so for a conv -> conv junction
