@@ -155,7 +155,7 @@ def test_sparse_chain_moves_only_on_correct_answers_and_pays_only_at_the_end():
     k = env.num_classes
     obs, info = env.reset()
     state = info["label"]
-    wrong_next = torch.zeros(k)
+    wrong_next, stays, num_wrong = torch.zeros(k), 0, 0
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):
         # Half the envs answer correctly, half at random.
@@ -167,8 +167,12 @@ def test_sparse_chain_moves_only_on_correct_answers_and_pays_only_at_the_end():
         assert torch.equal(reward, (correct & (state == k - 1)).float())
         assert torch.equal(info["label"][correct], (state[correct] + 1) % k)
         wrong_next += torch.bincount(info["label"][~correct], minlength=k)
+        stays += (info["label"][~correct] == state[~correct]).sum()
+        num_wrong += (~correct).sum()
         state = info["label"]
-    assert (wrong_next / wrong_next.sum() - 1 / k).abs().max() < 0.02  # a wrong answer jumps uniformly
+    # A wrong answer jumps uniformly, wherever it was: it stays put only by chance (1/K).
+    assert (wrong_next / wrong_next.sum() - 1 / k).abs().max() < 0.02
+    assert abs(stays / num_wrong - 1 / k) < 0.02
 
     # The oracle climbs the chain and is paid exactly once every K steps, never interrupted.
     env, _, _ = make_tiny(num_envs=3, variant="sparse", num_classes=5, episode_length=7)
