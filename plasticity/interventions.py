@@ -34,6 +34,15 @@ from plasticity.resets import ReDo, reset_head_, shrink_and_perturb_
 from plasticity.swr import SoftWeightRescaling
 
 AT_TASK_SWITCHES = -1
+# Agents build their network right after torch.manual_seed(seed). A generator seeded with the same
+# value would redraw exactly θ0, turning the first S&P into an interpolation toward θ0 (pitfall 4), so
+# the interventions' generator is seeded with `seed` mixed with this constant (the golden-ratio 64-bit word).
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def generator_seed(seed: int) -> int:
+    """Seed of the interventions' own generator for a run seeded with ``seed`` (never ``seed`` itself)."""
+    return (seed ^ _SEED_MIX) & (2**63 - 1)
 
 
 def _check_period(flag: str, value: int, minimum: int = 0) -> None:
@@ -83,7 +92,7 @@ class Interventions:
         self.model, self.optimizer, self.target_model = model, optimizer, target_model
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(generator_seed(seed))
         self.snp, self.snp_every = float(snp), snp_every
         self.redo_every, self.redo_batch_size = redo_every, redo_batch_size
         self.reset_head_every = reset_head_every
@@ -210,4 +219,6 @@ def interventions_from_args(args, model: nn.Module, optimizer: torch.optim.Optim
     keywords = [name for name, parameter in inspect.signature(Interventions.__init__).parameters.items()
                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "target_model"]
     kwargs = {name: getattr(args, name) for name in keywords if hasattr(args, name)}
+    if kwargs.get("redo_every", 0) == 0:
+        kwargs.pop("redo_tau", None)  # the agents' default tau (0.1) only matters once ReDo is on
     return Interventions(model, optimizer, target_model=target_model, **kwargs)

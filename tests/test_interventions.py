@@ -1,0 +1,294 @@
+"""The Interventions facade: flags, schedules, order, logging scalars, checkpoints."""
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from plasticity.interventions import Interventions, generator_seed, interventions_from_args
+from plasticity.networks import build_torso
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+class QNetwork(nn.Module):
+    def __init__(self, layer_norm=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.torso = build_torso("mlp", (6,), layer_norm=layer_norm, hidden_sizes=(16, 16))
+        self.head = nn.Linear(self.torso.out_features, 3)
+
+    def forward(self, x):
+        return self.head(self.torso(x))
+
+
+def _setup(layer_norm=False, **kwargs):
+    model = QNetwork(layer_norm)
+    target = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, target, optimizer, Interventions(model, optimizer, target_model=target, **kwargs)
+
+
+def _update(model, optimizer, interventions, generator):
+    loss = (model(torch.randn(8, 6, generator=generator)) - 1).pow(2).mean() + interventions.penalty()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _sample_obs(generator):
+    return lambda batch: torch.randn(batch, 6, generator=generator)
+
+
+def test_defaults_do_nothing():
+    model, _, optimizer, interventions = _setup()
+    assert not interventions.active and interventions.enabled == ()
+    penalty = interventions.penalty()
+    assert penalty.shape == () and penalty.item() == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        interventions.after_step(step)
+    interventions.on_task_switch()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert interventions.scalars() == {}
+    _update(model, optimizer, interventions, generator)  # no activations requested, nothing recorded
+
+
+def test_enabled_names_and_scalars_are_device_tensors():
+    model, _, _, interventions = _setup(l2=1e-4, l2_init=1e-3, swr=0.1, cbp=True, snp=0.5, redo_every=10,
+                                        reset_head_every=-1)
+    assert interventions.active
+    assert interventions.enabled == ("l2", "l2_init", "swr", "cbp", "snp", "redo", "reset_head")
+    scalars = interventions.scalars()
+    assert set(scalars) == {"plasticity/l2_penalty", "plasticity/l2_init_penalty", "plasticity/swr_scale",
+                            "plasticity/cbp_replacements", "plasticity/redo_resets",
+                            "plasticity/snp_applications", "plasticity/head_resets"}
+    assert all(torch.is_tensor(v) and v.shape == () and v.device == model.head.weight.device
+               for v in scalars.values())
+
+
+def test_penalty_is_l2_plus_l2_init_and_is_logged():
+    model, _, _, interventions = _setup(layer_norm=True, l2=1e-2, l2_init=1e-1)
+    initial = [p.detach().clone() for m in model.modules() if isinstance(m, nn.Linear)
+               for p in (m.weight, m.bias)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    params = [p for m in model.modules() if isinstance(m, nn.Linear) for p in (m.weight, m.bias)]
+    l2 = 0.5 * 1e-2 * sum((p.detach() ** 2).sum() for p in params)
+    l2_init = 0.5 * 1e-1 * sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(params, initial))
+    penalty = interventions.penalty()
+    torch.testing.assert_close(penalty, l2 + l2_init)
+    assert penalty.requires_grad
+    scalars = interventions.scalars()
+    torch.testing.assert_close(scalars["plasticity/l2_penalty"], l2)
+    torch.testing.assert_close(scalars["plasticity/l2_init_penalty"], l2_init)
+    assert not scalars["plasticity/l2_penalty"].requires_grad
+
+
+@dataclass
+class Args:
+    seed: int = 3
+    learning_rate: float = 1e-4  # not an intervention: ignored
+    l2: float = 1e-5
+    swr: float = 0.01
+    cbp: bool = True
+    cbp_maturity: int = 1000
+    cbp_utility: str = "adaptable"
+    snp: float = 0.3
+    reset_head_every: int = -1
+
+
+def test_from_args_reads_fields_by_name_and_keeps_defaults_for_missing_ones():
+    model = QNetwork()
+    optimizer = torch.optim.Adam(model.parameters())
+    target = copy.deepcopy(model)
+    interventions = interventions_from_args(Args(), model, optimizer, target_model=target)
+    assert interventions.enabled == ("l2", "swr", "cbp", "snp", "reset_head")
+    assert interventions.l2.coef == 1e-5 and interventions.swr.coef == 0.01 and interventions.swr.head_coef == 0.01
+    assert interventions.cbp.maturity == 1000 and interventions.cbp.utility == "adaptable"
+    assert interventions.cbp.replacement_rate == 1e-4 and interventions.cbp.decay == 0.99  # defaults
+    assert interventions.snp_every == 0 and interventions.target_model is target
+    assert torch.equal(interventions.generator.get_state(), torch.Generator().manual_seed(generator_seed(3)).get_state())
+
+
+def test_generator_is_not_the_stream_that_drew_the_initial_weights():
+    """Network built after torch.manual_seed(seed), Interventions(seed=seed): the first S&P must not
+    interpolate toward θ0 (it would if the fresh draw reused the initialisation stream)."""
+    assert generator_seed(0) != 0 and generator_seed(1) != generator_seed(0) and generator_seed(7) == generator_seed(7)
+    model, _, _, interventions = _setup(snp=0.5, seed=0)  # QNetwork() was built after torch.manual_seed(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    interventions.on_task_switch()
+    for p, b in zip(model.parameters(), before):
+        assert not torch.allclose(p, b)
+
+
+def test_periodic_methods_fire_when_a_multiple_is_crossed():
+    """Updates every 4 steps, S&P every 10: fires at 12 (10 crossed), 20, 32, 40."""
+    model, target, optimizer, interventions = _setup(snp=0.1, snp_every=10, reset_head_every=8)
+    generator = torch.Generator().manual_seed(0)
+    fired_snp, fired_head = [], []
+    for step in range(4, 44, 4):
+        _update(model, optimizer, interventions, generator)
+        snp_before = interventions.snp_applications.item()
+        head_before = interventions.head_resets.item()
+        interventions.after_step(step)
+        if interventions.snp_applications.item() > snp_before:
+            fired_snp.append(step)
+        if interventions.head_resets.item() > head_before:
+            fired_head.append(step)
+            assert torch.equal(target.head.weight, model.head.weight)
+    assert fired_snp == [12, 20, 32, 40]
+    assert fired_head == [8, 16, 24, 32, 40]
+    assert interventions.scalars()["plasticity/snp_applications"].item() == 4
+
+
+def test_task_switch_methods():
+    model, target, optimizer, interventions = _setup(snp=0.5, reset_head_every=-1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 20):
+        interventions.after_step(step)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing between switches
+    interventions.on_task_switch()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert torch.equal(target.head.weight, model.head.weight)
+    assert interventions.snp_applications.item() == 1 and interventions.head_resets.item() == 1
+
+
+def test_redo_runs_on_sampled_replay_states():
+    model, _, optimizer, interventions = _setup(redo_every=5, redo_tau=0.1, redo_batch_size=64)
+    with torch.no_grad():
+        model.torso[1].weight[:4] = 0.0
+        model.torso[1].bias[:4] = -1.0  # 4 dead units
+    requested = []
+
+    def sample_obs(batch):
+        requested.append(batch)
+        return torch.randn(batch, 6)
+
+    for step in range(1, 11):
+        interventions.after_step(step, sample_obs)
+    assert requested == [64, 64]
+    assert interventions.scalars()["plasticity/redo_resets"].item() >= 4
+    assert (model.torso[1].weight[:4] != 0).all()
+    with pytest.raises(ValueError, match="sample_obs"):
+        interventions.after_step(15)
+
+
+def test_cbp_runs_before_swr_so_swr_scales_the_corrected_network_exactly():
+    """Dead units replaced by CBP change nothing; SWR then scales the outputs by exactly Π c."""
+    model, _, _, interventions = _setup(cbp=True, cbp_replacement_rate=2 / 16, cbp_maturity=0, swr=0.3)
+    with torch.no_grad():
+        model.torso[1].weight[[2, 7]] = 0.0
+        model.torso[1].bias[[2, 7]] = -1.0
+        for p in model.parameters():
+            p.mul_(2.0)
+    x = torch.randn(32, 6)
+    model(torch.randn(8, 6))  # the training forward CBP reads
+    with torch.no_grad():
+        before = model(x)
+    interventions.after_step(1)
+    assert sorted(interventions.cbp.last_replaced["torso.1"].tolist()) == [2, 7]
+    scale = interventions.scalars()["plasticity/swr_scale"]
+    assert abs(scale.item() - 1) > 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), scale * before, rtol=1e-5, atol=1e-6)
+
+
+ALL_ON = dict(l2_init=1e-2, swr=0.05, cbp=True, cbp_replacement_rate=0.05, cbp_maturity=3, snp=0.01,
+              snp_every=4, redo_every=6, redo_tau=0.1, redo_batch_size=16, reset_head_every=9, seed=5)
+
+
+def _run(model, target, optimizer, interventions, steps, generator):
+    for step in steps:
+        _update(model, optimizer, interventions, generator)
+        interventions.after_step(step, _sample_obs(generator))
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    """state_dict is weights_only-loadable and a resumed run matches the uninterrupted one bit for bit."""
+    model, target, optimizer, interventions = _setup(layer_norm=True, **ALL_ON)
+    generator = torch.Generator().manual_seed(0)
+    _run(model, target, optimizer, interventions, range(1, 13), generator)
+    torch.save({"model": model.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+                "interventions": interventions.state_dict(), "data": generator.get_state()}, tmp_path / "ckpt.pt")
+    _run(model, target, optimizer, interventions, range(13, 25), generator)
+
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed, resumed_target = QNetwork(layer_norm=True, seed=1), QNetwork(layer_norm=True, seed=2)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_target.load_state_dict(checkpoint["target"])
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed_interventions = Interventions(resumed, resumed_optimizer, target_model=resumed_target, **ALL_ON)
+    resumed_interventions.load_state_dict(checkpoint["interventions"])
+    generator = torch.Generator().set_state(checkpoint["data"])
+    _run(resumed, resumed_target, resumed_optimizer, resumed_interventions, range(13, 25), generator)
+
+    assert interventions.cbp.total_replacements > 0 and interventions.head_resets.item() == 2
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(target.parameters(), resumed_target.parameters()):
+        assert torch.equal(a, b)
+    for key, value in interventions.scalars().items():
+        assert torch.equal(value, resumed_interventions.scalars()[key]), key
+
+
+def test_load_state_dict_with_other_flags_is_an_error():
+    _, _, _, with_cbp = _setup(cbp=True)
+    _, _, _, without = _setup()
+    with pytest.raises(ValueError, match="same plasticity flags"):
+        without.load_state_dict(with_cbp.state_dict())
+
+
+def test_every_reset_keeps_parameters_in_the_optimiser():
+    """Pitfall 1 through the facade, all methods on."""
+    model, target, optimizer, interventions = _setup(layer_norm=True, **ALL_ON)
+    params = list(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    _run(model, target, optimizer, interventions, range(1, 19), generator)
+    interventions.on_task_switch()
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(l2=-1e-4), "--l2 "), (dict(l2_init=-1.0), "--l2-init"), (dict(swr=1.5), "--swr "),
+    (dict(swr_head=-0.1), "--swr-head"), (dict(cbp_utility="magnitude"), "--cbp-utility"),
+    (dict(cbp_replacement_rate=-1.0), "--cbp-replacement-rate"), (dict(cbp_maturity=-5), "--cbp-maturity"),
+    (dict(cbp_decay=1.0), "--cbp-decay"), (dict(snp=2.0), "--snp "), (dict(snp_every=-1), "--snp-every"),
+    (dict(snp_every=10), "--snp-every needs --snp"), (dict(redo_tau=-0.1), "--redo-tau"),
+    (dict(redo_tau=0.1), "--redo-tau needs --redo-every"), (dict(redo_every=-3), "--redo-every"),
+    (dict(redo_batch_size=0), "--redo-batch-size"), (dict(reset_head_every=-2), "--reset-head-every")])
+def test_invalid_flags_give_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _setup(**kwargs)
+
+
+@pytest.mark.gpu
+def test_all_methods_on_cuda():
+    model = QNetwork(layer_norm=True).cuda()
+    target = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    interventions = Interventions(model, optimizer, target_model=target, **ALL_ON)
+    for step in range(1, 25):
+        loss = model(torch.randn(8, 6, device="cuda")).pow(2).mean() + interventions.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        interventions.after_step(step, lambda batch: torch.randn(batch, 6, device="cuda"))
+    interventions.on_task_switch()
+    scalars = interventions.scalars()
+    assert all(v.device.type == "cuda" for v in scalars.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert interventions.cbp.total_replacements > 0
