@@ -151,9 +151,12 @@ def _svd_with_top_vector(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _grad_norm(parameters: list[nn.Parameter]) -> Tensor | None:
+    """Global L2 norm of the gradients, on device; fused (foreach) kernels where torch has them."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return None
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6
+        return nn.utils.get_total_norm(grads, error_if_nonfinite=False).float()
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]))
 
 
