@@ -63,12 +63,17 @@ def check_cbp_args(replacement_rate: float, maturity: int, decay: float, utility
 
 
 class _UnitStatistics:
-    """Running statistics of one hidden layer's units (device tensors) and its replacement bookkeeping."""
+    """Running statistics of one hidden layer's units (device tensors) and its replacement bookkeeping.
+
+    Ages are derived, not stored: all units of a layer age together, so a unit's
+    age is ``steps − birth`` with ``birth`` the step of its last replacement (0 at
+    the start) -- no per-step increment kernel.
+    """
 
     def __init__(self, num_units: int, device: torch.device):
         self.utility = torch.zeros(num_units, device=device)
         self.mean = torch.zeros(num_units, device=device)
-        self.age = torch.zeros(num_units, dtype=torch.long, device=device)
+        self.birth = torch.zeros(num_units, dtype=torch.long, device=device)
         self.accumulator = 0.0  # fractional replacements carried to the next step (host)
         self.recent: deque[tuple[int, int]] = deque()  # (step, count) of replacements in the last m steps (host)
 
@@ -106,19 +111,25 @@ class ContinualBackprop:
         self.replacements = torch.zeros((), dtype=torch.long, device=device)  # same count, for logging
         self.last_replaced: dict[str, torch.Tensor] = {}
 
+    def ages(self, index: int) -> torch.Tensor:
+        """a_i of the units of hidden layer ``index`` (steps since the unit was created or last replaced)."""
+        return self.steps - self.stats[index].birth
+
+    def _bias_correction(self, index: int) -> torch.Tensor:
+        return 1.0 - torch.pow(self.decay, self.ages(index))
+
     # ------------------------------------------------------------------ per-step statistics
     def _outgoing_magnitude(self, hidden: HiddenLayer) -> torch.Tensor:
         """Σ_k |W^next_{k,i}| per unit; after conv -> linear summed over the unit's H·W columns too."""
         weight = hidden.next_layer.weight
         if weight.ndim == 4:
-            return torch.linalg.vector_norm(weight, ord=1, dim=(0, 2, 3))
-        if hidden.spatial > 1:
-            return torch.linalg.vector_norm(weight.view(weight.shape[0], hidden.num_units, hidden.spatial),
-                                            ord=1, dim=(0, 2))
-        return torch.linalg.vector_norm(weight, ord=1, dim=0)
+            return weight.abs().sum(dim=(0, 2, 3))
+        # abs().sum(0) then the spatial groups: ~3x faster on CPU than one strided reduction.
+        per_column = weight.abs().sum(0)
+        return per_column.view(hidden.num_units, hidden.spatial).sum(1) if hidden.spatial > 1 else per_column
 
     def _eligible_count(self, stats: _UnitStatistics, num_units: int) -> int:
-        """|{i : a_i > m}| from host bookkeeping, equal to ``(stats.age > m).sum()`` without a sync."""
+        """|{i : a_i > m}| from host bookkeeping, equal to ``(ages > m).sum()`` without a sync."""
         if self.steps <= self.maturity:
             return 0  # units never replaced have age == steps
         while stats.recent and stats.recent[0][0] < self.steps - self.maturity:
@@ -132,40 +143,47 @@ class ContinualBackprop:
         if missing:
             raise ValueError(f"continual backprop has no activations for {', '.join(missing)}: call step() once "
                              "after each optimiser step, after a training forward pass with gradients enabled")
-        self.steps += 1
+        self.steps += 1  # step 1: every age grows by one (ages = steps − birth)
         self.last_replaced = {}
         keep = 1.0 - self.decay
-        for hidden, stats in zip(self.layers, self.stats):
-            activations = self.recorder.post[hidden.name]
-            unit_activations = activations.mean(dim=(2, 3)) if activations.ndim == 4 else activations  # [B, n]
-            stats.age += 1
-            stats.mean.lerp_(unit_activations.mean(0), keep)
-            bias_correction = 1.0 - torch.pow(self.decay, stats.age)
-            mean_hat = stats.mean / bias_correction
-            if self.utility == "contribution":
-                instant = unit_activations.abs().mean(0) * self._outgoing_magnitude(hidden)
-            else:
-                incoming = hidden.layer.weight.flatten(1).abs().mean(1).clamp_min(torch.finfo(mean_hat.dtype).tiny)
-                instant = ((unit_activations - mean_hat).abs().mean(0) * self._outgoing_magnitude(hidden)
-                           / incoming)
-            stats.utility.lerp_(instant, keep)
+        activations = [self.recorder.post[hidden.name] for hidden in self.layers]
+        self.recorder.post.clear()  # a second step() without a new training forward is an error, not a repeat
+        # The recorder holds ReLU outputs (≥ 0), so mean_b |h_bi| = mean_b h_bi: one reduction per layer
+        # (over batch and H, W for a conv channel) feeds both f and the contribution utility.
+        batch_means = [h.mean(dim=(0, 2, 3) if h.ndim == 4 else 0, dtype=torch.float32) for h in activations]
+        outgoing = [self._outgoing_magnitude(hidden) for hidden in self.layers]
+        torch._foreach_lerp_([s.mean for s in self.stats], batch_means, keep)  # step 2
+        if self.utility == "contribution":  # step 3
+            instant = torch._foreach_mul(batch_means, outgoing)
+        else:
+            instant = [self._adaptable_utility(i, h, out) for i, (h, out) in enumerate(zip(activations, outgoing))]
+        torch._foreach_lerp_([s.utility for s in self.stats], instant, keep)  # step 4
 
-            eligible = self._eligible_count(stats, hidden.num_units)
+        for index, (hidden, stats) in enumerate(zip(self.layers, self.stats)):
+            eligible = self._eligible_count(stats, hidden.num_units)  # step 5
             if eligible == 0:
                 continue
-            stats.accumulator += self.replacement_rate * eligible
+            stats.accumulator += self.replacement_rate * eligible  # step 6
             count = math.floor(stats.accumulator)
             stats.accumulator -= count
             if count == 0:
                 continue
-            score = torch.where(stats.age > self.maturity, stats.utility / bias_correction, math.inf)
+            bias_correction = self._bias_correction(index)  # step 7
+            score = torch.where(self.ages(index) > self.maturity, stats.utility / bias_correction, math.inf)
             units = torch.topk(score, count, largest=False).indices
-            self._replace(hidden, stats, units, mean_hat)
+            self._replace(hidden, stats, units, stats.mean / bias_correction)  # step 8
             stats.recent.append((self.steps, count))
             self.total_replacements += count
             self.replacements += count
             self.last_replaced[hidden.name] = units
-        self.recorder.post.clear()  # a second step() without a new training forward is an error, not a repeat
+
+    def _adaptable_utility(self, index: int, activations: torch.Tensor, outgoing: torch.Tensor) -> torch.Tensor:
+        """mean_b |h_bi − f̂_i| · Σ_k |W^next_{k,i}| / mean_j |W^in_{i,j}| (f̂ after this step's update)."""
+        unit_activations = activations.mean(dim=(2, 3)) if activations.ndim == 4 else activations  # [B, n]
+        mean_hat = self.stats[index].mean / self._bias_correction(index)
+        incoming = self.layers[index].layer.weight.flatten(1).abs().mean(1)
+        incoming = incoming.clamp_min(torch.finfo(incoming.dtype).tiny)  # an all-zero row: no division by 0
+        return (unit_activations - mean_hat).abs().mean(0) * outgoing / incoming
 
     def _replace(self, hidden: HiddenLayer, stats: _UnitStatistics, units: torch.Tensor,
                  mean_hat: torch.Tensor) -> None:
@@ -180,21 +198,22 @@ class ContinualBackprop:
         reinitialize_units_(hidden, units, self.optimizer, self.generator)
         stats.utility.index_fill_(0, units, 0.0)
         stats.mean.index_fill_(0, units, 0.0)
-        stats.age.index_fill_(0, units, 0)
+        stats.birth.index_fill_(0, units, self.steps)  # age 0 now
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,
             "total_replacements": self.total_replacements,
-            "layers": [{"utility": s.utility.clone(), "mean": s.mean.clone(), "age": s.age.clone(),
+            "layers": [{"utility": s.utility.clone(), "mean": s.mean.clone(), "birth": s.birth.clone(),
                         "accumulator": s.accumulator, "recent": [list(event) for event in s.recent]}
                        for s in self.stats],
         }
 
     def load_state_dict(self, state: dict) -> None:
         layers = state["layers"]
-        if len(layers) != len(self.stats) or any(saved["age"].shape != s.age.shape for saved, s in zip(layers, self.stats)):
+        if len(layers) != len(self.stats) or any(saved["birth"].shape != s.birth.shape
+                                                 for saved, s in zip(layers, self.stats)):
             raise ValueError("CBP state does not match this model's hidden layers (a checkpoint of another network?)")
         self.steps = int(state["steps"])
         self.total_replacements = int(state["total_replacements"])
@@ -202,7 +221,7 @@ class ContinualBackprop:
         for saved, stats in zip(layers, self.stats):
             stats.utility.copy_(saved["utility"])
             stats.mean.copy_(saved["mean"])
-            stats.age.copy_(saved["age"])
+            stats.birth.copy_(saved["birth"])
             stats.accumulator = float(saved["accumulator"])
             stats.recent = deque((int(step), int(count)) for step, count in saved["recent"])
 

@@ -90,8 +90,8 @@ def test_running_statistics_match_definition(build, utility):
         model(_inputs(model, generator=generator))
         reference.update()
         cbp.step()
-    for hidden, stats in zip(cbp.layers, cbp.stats):
-        torch.testing.assert_close(stats.age, torch.full((hidden.num_units,), 4))
+    for index, (hidden, stats) in enumerate(zip(cbp.layers, cbp.stats)):
+        torch.testing.assert_close(cbp.ages(index), torch.full((hidden.num_units,), 4))
         torch.testing.assert_close(stats.mean.double(), reference.mean[hidden.name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(stats.utility.double(), reference.util[hidden.name], rtol=1e-5, atol=1e-7)
     assert cbp.total_replacements == 0  # nothing is mature yet
@@ -165,7 +165,7 @@ def test_bias_correction_amount_uses_bias_corrected_mean():
     torch.testing.assert_close(model[-1].bias.detach().double(), expected, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(model[-1].bias, head_bias)
     assert cbp.stats[0].mean[units].item() == 0 and cbp.stats[0].utility[units].item() == 0
-    assert cbp.stats[0].age[units].item() == 0
+    assert cbp.ages(0)[units].item() == 0 and (cbp.ages(0) == 3).sum() == 7
 
 
 def _kill_units_(layer, units):
@@ -205,6 +205,22 @@ def test_property_5_4_dead_conv_channels_are_replaced_first():
     assert cbp.last_replaced["2"].tolist() == [4]
 
 
+def test_ranking_uses_the_bias_corrected_utility():
+    """Step 4: rank by û = u / (1 − η^a). A young unit's raw u is small only because its average
+    started at 0; ranking by raw u would replace it instead of the truly least useful old unit."""
+    model = _mlp(widths=(4,))
+    with torch.no_grad():
+        model[-1].weight.zero_()  # y = 0 for every unit this step: u' = η·u, so û' is known in advance
+    cbp = ContinualBackprop(model, None, replacement_rate=0.25, maturity=2, decay=0.9)
+    cbp.steps = 10
+    cbp.stats[0].birth[0] = 8  # unit 0: age 3 after this step's increment (eligible), the others 11
+    cbp.stats[0].utility.copy_(torch.tensor([0.3, 0.4, 1.0, 1.0]))
+    # û after the step: unit 0: 0.9·0.3/(1 − 0.9³) ≈ 1.00, unit 1: 0.9·0.4/(1 − 0.9¹¹) ≈ 0.52.
+    model(_inputs(model))
+    cbp.step()
+    assert cbp.last_replaced["1"].tolist() == [1]
+
+
 def test_property_5_2_replacement_count_accumulates_fractions():
     """ρ = 1e-5 on 512 always-eligible units (m = 0): ⌊step·0.00512⌋ replacements after `step` steps."""
     model = _mlp(widths=(512, 512))
@@ -229,7 +245,7 @@ def test_property_5_2_no_unit_is_replaced_again_within_maturity():
     accumulator, expected_total = 0.0, 0
     for step in range(1, 301):
         model(_inputs(model, generator=generator))
-        eligible = int((cbp.stats[0].age + 1 > maturity).sum())  # ages after this step's increment
+        eligible = int((cbp.ages(0) + 1 > maturity).sum())  # ages after this step's increment
         cbp.step()
         if eligible:
             accumulator += rate * eligible
@@ -238,7 +254,7 @@ def test_property_5_2_no_unit_is_replaced_again_within_maturity():
         replaced = cbp.last_replaced.get("1", torch.zeros(0, dtype=torch.long))
         assert (step - last_replaced[replaced] > maturity).all(), f"unit replaced twice within m at step {step}"
         last_replaced[replaced] = step
-        assert eligible - len(replaced) == int((cbp.stats[0].age > maturity).sum())
+        assert eligible - len(replaced) == int((cbp.ages(0) > maturity).sum())
     assert cbp.total_replacements == expected_total > 100
 
 
@@ -358,7 +374,7 @@ def test_state_dict_roundtrip(tmp_path):
     assert restored.steps == 6 and restored.total_replacements == cbp.total_replacements > 0
     assert restored.replacements.item() == cbp.total_replacements
     for a, b in zip(restored.stats, cbp.stats):
-        assert torch.equal(a.utility, b.utility) and torch.equal(a.mean, b.mean) and torch.equal(a.age, b.age)
+        assert torch.equal(a.utility, b.utility) and torch.equal(a.mean, b.mean) and torch.equal(a.birth, b.birth)
         assert a.accumulator == b.accumulator and list(a.recent) == list(b.recent)
     with pytest.raises(ValueError, match="does not match"):
         ContinualBackprop(_mlp(widths=(8, 8)), None).load_state_dict(cbp.state_dict())
