@@ -1,0 +1,137 @@
+"""C51 (Bellemare et al. 2017) with every plasticity toggle, on Atari and the image-classification MDP.
+
+CleanRL's c51_atari.py, read top to bottom: Args -> network -> main loop.  The
+return distribution lives on ``--n-atoms`` atoms on [--v-min, --v-max]; the
+target distribution is projected onto them (spec methods.md §10).  Environments,
+the replay buffer, the interventions, the diagnostics and the run plumbing are
+imported, one line each.
+
+    python agents/c51.py --env-id ALE/Breakout-v5 --layer-norm
+    python agents/c51.py --env-id ImageMDP/mnist --shift random_labels --v-min 0 --v-max 110
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plasticity import experiment
+from plasticity.config import CommonArgs
+from plasticity.diagnostics import Diagnostics
+from plasticity.interventions import interventions_from_args
+from plasticity.losses import c51_atoms, c51_loss, c51_project
+from plasticity.networks import build_torso, default_network
+
+
+@dataclass
+class Args(CommonArgs):
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    adam_eps: float = 0.01 / 32
+    """Adam epsilon (CleanRL / Dopamine C51: 0.01 / batch size)"""
+    target_network_frequency: int = 10_000
+    """env steps between hard updates of the target network"""
+
+
+class QNetwork(nn.Module):
+    """Torso -> linear head with logits over ``n_atoms`` return atoms per action."""
+
+    def __init__(self, obs_shape, num_actions: int, args: Args, atoms: torch.Tensor):
+        super().__init__()
+        network = default_network(obs_shape) if args.network == "auto" else args.network
+        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes)
+        self.num_actions, self.n_atoms = num_actions, len(atoms)
+        self.head = nn.Linear(self.torso.out_features, num_actions * self.n_atoms)
+        self.register_buffer("atoms", atoms, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, actions, atoms]; observations are uint8 pixels."""
+        return self.head(self.torso(x.float() / 255.0)).view(len(x), self.num_actions, self.n_atoms)
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.softmax(self(x), dim=2) * self.atoms).sum(dim=2)
+
+
+def main(args: Args) -> None:
+    run = experiment.start(args, agent="c51", categorical=True)
+    args, device, envs, rb = run.args, run.device, run.envs, run.buffer
+
+    atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
+    q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)
+    diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau, support=atoms, n_actions=envs.num_actions)
+
+    def next_distribution(batch) -> torch.Tensor:
+        """Target-network return distribution of the greedy next action (online-chosen with --double-q)."""
+        next_pmfs = torch.softmax(target_network(batch.next_obs), dim=2)
+        chooser = q_network.q_values(batch.next_obs) if args.double_q else (next_pmfs * atoms).sum(dim=2)
+        return next_pmfs[torch.arange(len(next_pmfs), device=device), chooser.argmax(dim=1)]
+
+    def td_targets(batch) -> torch.Tensor:
+        """Scalar TD targets r + gamma * (1 - terminated) * E[Z'] (for the diagnostics)."""
+        expected_next = (next_distribution(batch) * atoms).sum(dim=1)
+        return batch.rewards + args.gamma * expected_next * (1.0 - batch.terminated.float())
+
+    def td_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy to the projected target distribution, and the Q-values of the taken actions."""
+        with torch.no_grad():
+            target_pmf = c51_project(next_distribution(batch), batch.rewards, batch.terminated.float(),
+                                     args.gamma, atoms)
+        logits = q_network(batch.obs)[torch.arange(len(batch.actions), device=device), batch.actions]
+        return c51_loss(logits, target_pmf), (torch.softmax(logits, dim=1) * atoms).sum(dim=1)
+
+    global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
+                                 interventions=interventions, diagnostics=diagnostics)
+    while global_step < args.total_timesteps:
+        # ALGO LOGIC: put action logic here
+        epsilon = experiment.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
+                                             global_step)
+        with torch.no_grad():
+            q_values = q_network.q_values(obs)
+        actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
+
+        # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
+        step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+        before, global_step = global_step, global_step + envs.num_envs
+        run.record(global_step, step)
+        rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
+        obs = step.obs
+
+        # ALGO LOGIC: training
+        updates_before = experiment.updates_done(before, args.train_frequency, args.learning_starts)
+        for update in range(updates_before + 1, experiment.updates_done(global_step, args.train_frequency,
+                                                                          args.learning_starts) + 1):
+            batch = rb.sample(args.batch_size)
+            loss, q_taken = td_loss(batch)
+            run.watch_loss(loss)
+            run.tracker.mean("losses/td_loss", loss)
+            run.tracker.mean("losses/q_values", q_taken.mean())
+            optimizer.zero_grad()
+            (loss + interventions.penalty()).backward()
+            diagnostics.record_grad_norm()
+            optimizer.step()
+            interventions.after_step(update, sample_obs=rb.sample_obs)
+        if global_step > args.learning_starts:
+            if experiment.crossed(before, global_step, args.target_network_frequency):
+                target_network.load_state_dict(q_network.state_dict())
+            run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
+                         clip_range=(args.v_min, args.v_max))
+        if step.task_id != step.previous_task_id:
+            interventions.on_task_switch()
+        if experiment.crossed(before, global_step, args.log_every):
+            run.tracker.scalar("charts/epsilon", epsilon, global_step)
+            run.tracker.scalar("charts/task_id", step.task_id, global_step)
+            for tag, value in interventions.scalars().items():
+                run.tracker.scalar(tag, value, global_step)
+        if not run.end_iteration(global_step, obs):
+            return
+    run.finish(global_step, obs)
+
+
+if __name__ == "__main__":
+    experiment.cli(Args, main)

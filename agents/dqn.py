@@ -1,0 +1,149 @@
+"""DQN (Mnih et al. 2015) with every plasticity toggle, on Atari and the image-classification MDP.
+
+CleanRL's dqn_atari.py, read top to bottom: Args -> network -> loss -> main loop.
+The value loss is a regression (MSE/Huber) or categorical (HL-Gauss/two-hot,
+Farebrother et al. 2024) on Q(s, a).  Environments, the replay buffer, the
+interventions (spec methods.md), the diagnostics (spec diagnostics.md) and the
+run plumbing are imported, one line each.
+
+    python agents/dqn.py --env-id ALE/Breakout-v5 --layer-norm --l2 1e-5
+    python agents/dqn.py --env-id ImageMDP/mnist --shift label_permutation --loss hl_gauss --v-min 0 --v-max 110
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from plasticity import experiment
+from plasticity.config import CommonArgs
+from plasticity.diagnostics import Diagnostics
+from plasticity.interventions import interventions_from_args
+from plasticity.losses import (
+    CATEGORICAL_LOSSES,
+    CategoricalSupport,
+    categorical_cross_entropy,
+    regression_loss,
+)
+from plasticity.networks import build_torso, default_network
+
+
+@dataclass
+class Args(CommonArgs):
+    learning_rate: float = 1e-4
+    """the learning rate of the optimizer"""
+    target_network_frequency: int = 1000
+    """env steps between hard updates of the target network"""
+    loss: Literal["mse", "huber", "hl_gauss", "two_hot"] = "mse"
+    """value loss: regression (mse, huber) or categorical over --n-atoms bins on [--v-min, --v-max]"""
+    hl_gauss_sigma: float = 0.75
+    """HL-Gauss: Gaussian width as a multiple of the bin width"""
+
+
+class QNetwork(nn.Module):
+    """Torso -> linear head; Q-values directly (regression) or as logits over value bins (categorical)."""
+
+    def __init__(self, obs_shape, num_actions: int, args: Args, support: CategoricalSupport | None):
+        super().__init__()
+        network = default_network(obs_shape) if args.network == "auto" else args.network
+        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes)
+        self.num_actions = num_actions
+        self.num_bins = support.n_bins if support is not None else 1
+        self.head = nn.Linear(self.torso.out_features, num_actions * self.num_bins)
+        self.support = support
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.torso(x.float() / 255.0))  # observations are uint8 pixels
+        return out if self.support is None else out.view(len(x), self.num_actions, self.num_bins)
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        out = self(x)
+        return out if self.support is None else self.support.expectation(out)
+
+
+def main(args: Args) -> None:
+    categorical = args.loss in CATEGORICAL_LOSSES
+    run = experiment.start(args, agent="dqn", categorical=categorical)
+    args, device, envs, rb = run.args, run.device, run.envs, run.buffer
+
+    support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device, sigma_ratio=args.hl_gauss_sigma)
+               if categorical else None)
+    q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)
+    diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau,
+                              support=support.centers if categorical else None, n_actions=envs.num_actions)
+
+    def td_targets(batch) -> torch.Tensor:
+        """y = r + gamma * (1 - terminated) * Q_target(s', a'), a' greedy under the target (or online: double-Q)."""
+        next_q = target_network.q_values(batch.next_obs)
+        chooser = q_network.q_values(batch.next_obs) if args.double_q else next_q
+        next_value = next_q.gather(1, chooser.argmax(dim=1, keepdim=True)).squeeze(1)
+        return batch.rewards + args.gamma * next_value * (1.0 - batch.terminated.float())
+
+    def td_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value loss on Q(s, a) and the Q-values of the taken actions."""
+        with torch.no_grad():
+            targets = td_targets(batch)
+        out = q_network(batch.obs)
+        taken = out[torch.arange(len(batch.actions), device=device), batch.actions]
+        if not categorical:
+            return regression_loss(args.loss, taken, targets), taken
+        target_probs = support.hl_gauss(targets) if args.loss == "hl_gauss" else support.two_hot(targets)
+        return categorical_cross_entropy(taken, target_probs), support.expectation(taken)
+
+    global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
+                                 interventions=interventions, diagnostics=diagnostics)
+    while global_step < args.total_timesteps:
+        # ALGO LOGIC: put action logic here
+        epsilon = experiment.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
+                                             global_step)
+        with torch.no_grad():
+            q_values = q_network.q_values(obs)
+        actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
+
+        # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
+        step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+        before, global_step = global_step, global_step + envs.num_envs
+        run.record(global_step, step)
+        rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
+        obs = step.obs
+
+        # ALGO LOGIC: training
+        updates_before = experiment.updates_done(before, args.train_frequency, args.learning_starts)
+        for update in range(updates_before + 1, experiment.updates_done(global_step, args.train_frequency,
+                                                                          args.learning_starts) + 1):
+            batch = rb.sample(args.batch_size)
+            loss, q_taken = td_loss(batch)
+            run.watch_loss(loss)
+            run.tracker.mean("losses/td_loss", loss)
+            run.tracker.mean("losses/q_values", q_taken.mean())
+            optimizer.zero_grad()
+            (loss + interventions.penalty()).backward()
+            diagnostics.record_grad_norm()
+            optimizer.step()
+            interventions.after_step(update, sample_obs=rb.sample_obs)
+        if global_step > args.learning_starts:
+            if experiment.crossed(before, global_step, args.target_network_frequency):
+                target_network.load_state_dict(q_network.state_dict())
+            run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
+                         clip_range=(args.v_min, args.v_max) if categorical else None)
+        if step.task_id != step.previous_task_id:
+            interventions.on_task_switch()
+        if experiment.crossed(before, global_step, args.log_every):
+            run.tracker.scalar("charts/epsilon", epsilon, global_step)
+            run.tracker.scalar("charts/task_id", step.task_id, global_step)
+            for tag, value in interventions.scalars().items():
+                run.tracker.scalar(tag, value, global_step)
+        if not run.end_iteration(global_step, obs):
+            return
+    run.finish(global_step, obs)
+
+
+if __name__ == "__main__":
+    experiment.cli(Args, main)

@@ -1,0 +1,147 @@
+"""One entry point from an agent's ``--env-id`` and env flags to an environment.
+
+Both environment families present the same torch-facing vector interface:
+``reset(seed) -> (obs, info)`` and ``step(actions) -> (obs, reward, terminated,
+truncated, info)`` with uint8 observations on the training device, plus
+``num_envs``, ``num_actions``, ``obs_shape`` and ``task_id``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import NamedTuple
+
+import torch
+
+IMAGE_MDP_PREFIX = "ImageMDP/"
+IMAGE_MDP_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+IMAGE_MDP_IDS = tuple(IMAGE_MDP_PREFIX + name for name in IMAGE_MDP_DATASETS)
+
+
+def is_image_mdp_id(env_id: str) -> bool:
+    return env_id.startswith(IMAGE_MDP_PREFIX)
+
+
+def env_family(env_id: str) -> str:
+    """``"image_mdp"`` or ``"atari"``; an unknown id is one ValueError that lists the valid ones."""
+    if is_image_mdp_id(env_id):
+        if env_id not in IMAGE_MDP_IDS:
+            raise ValueError(f"unknown image-MDP id {env_id!r}; valid ids: {', '.join(IMAGE_MDP_IDS)}")
+        return "image_mdp"
+    from envs.atari import atari_game
+
+    try:
+        atari_game(env_id)
+    except ValueError as error:
+        close = difflib.get_close_matches(env_id, IMAGE_MDP_IDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{error}; image-MDP ids: {', '.join(IMAGE_MDP_IDS)}{hint}") from None
+    return "atari"
+
+
+def make_env(args, device: torch.device):
+    """Build the environment an agent's Args describe, on ``device`` (uint8 observations)."""
+    if env_family(args.env_id) == "image_mdp":
+        from envs.image_mdp import ImageMDPVectorEnv
+
+        return ImageMDPVectorEnv(
+            dataset=args.env_id[len(IMAGE_MDP_PREFIX):], num_envs=args.num_envs, variant=args.variant,
+            shift=args.shift, shift_every=args.shift_every, shift_frac=args.shift_frac,
+            reward_offset=args.reward_offset, episode_length=args.episode_length,
+            num_images=args.num_images or None, data_dir=args.data_dir or None, device=device,
+            seed=args.seed, obs_dtype=torch.uint8,
+        )
+    if args.atari_shift:
+        from envs.nonstationary_atari import NonstationaryAtariEnv
+
+        return NonstationaryAtariEnv(
+            args.env_id, num_envs=args.num_envs, seed=args.seed, shifts=args.atari_shift,
+            switch_every=args.switch_every, games=args.games, modes=args.modes, difficulties=args.difficulties,
+            reward_offset=args.reward_offset, reward_scale=args.reward_scale,
+            sticky_actions=args.sticky_actions, episodic_life=args.episodic_life, device=device,
+        )
+    from envs.atari import AtariEnv
+
+    return AtariEnv(args.env_id, num_envs=args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions,
+                    full_action_space=args.full_action_space, episodic_life=args.episodic_life, device=device)
+
+
+class Step(NamedTuple):
+    """What one vector step gives the agent loop (all tensors [num_envs] on the training device)."""
+
+    obs: torch.Tensor  # observation to act on next
+    next_obs: torch.Tensor  # true next observation of this transition (differs from obs at NEXT_STEP resets)
+    learn_reward: torch.Tensor  # reward the agent learns from (Atari: clipped, then shifted/scaled)
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    store: torch.Tensor | None  # which transitions are real (None: all); Atari reset steps are not
+    episode_returns: torch.Tensor  # raw returns of the episodes (whole games on Atari) that ended, 1-D
+    episode_lengths: torch.Tensor
+    greedy_correct: torch.Tensor | None  # image MDP: fraction of greedy actions that named the label
+    task_id: int
+    previous_task_id: int
+    group: str  # e.g. the current game, for per-game return tags ("" when not applicable)
+
+
+class AgentEnv:
+    """The two environment families behind one step interface for the agents.
+
+    Keeps the per-env episode statistics (returns of raw rewards, so Atari scores
+    are real game scores) and the image-MDP greedy accuracy, with tensor ops only.
+    """
+
+    def __init__(self, env, family: str, device: torch.device, per_game_returns: bool = False):
+        from envs.episode_stats import EpisodeStats
+
+        self.env, self.family, self.device = env, family, device
+        self.num_envs, self.num_actions, self.obs_shape = env.num_envs, env.num_actions, tuple(env.obs_shape)
+        self.episodes = EpisodeStats(self.num_envs, device)
+        self.per_game_returns = per_game_returns
+        self._labels: torch.Tensor | None = None
+
+    @classmethod
+    def make(cls, args, device: torch.device) -> AgentEnv:
+        family = env_family(args.env_id)
+        return cls(make_env(args, device), family, device, per_game_returns="games" in args.atari_shift)
+
+    @property
+    def task_id(self) -> int:
+        return int(getattr(self.env, "task_id", 0))
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        obs, info = self.env.reset(seed=seed)
+        self._labels = info.get("label")
+        return obs
+
+    def step(self, actions: torch.Tensor, greedy_actions: torch.Tensor | None = None) -> Step:
+        previous_task = self.task_id
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        if self.family == "image_mdp":
+            correct = None
+            if greedy_actions is not None and self._labels is not None:
+                correct = (greedy_actions == self._labels).float().mean()
+            self._labels = info["label"]
+            returns, lengths = self.episodes.update(reward, truncated | terminated)
+            return Step(obs, obs, reward, terminated, truncated, None, returns, lengths, correct,
+                        self.task_id, previous_task, "")
+        real = ~info["reset_step"]
+        returns, lengths = self.episodes.update(reward, info["game_over"], valid=real)
+        group = self.env.current_game if self.per_game_returns else ""
+        return Step(obs, obs, info["learn_reward"], terminated, truncated, real, returns, lengths, None,
+                    self.task_id, previous_task, group)
+
+    def state_dict(self) -> dict:
+        state = {"episodes": self.episodes.state_dict(), "labels": self._labels}
+        if hasattr(self.env, "state_dict"):
+            state["env"] = self.env.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episodes.load_state_dict(state["episodes"])
+        self._labels = state["labels"]
+        if "env" in state:
+            self.env.load_state_dict(state["env"])
+
+    def close(self) -> None:
+        if hasattr(self.env, "close"):
+            self.env.close()

@@ -1,0 +1,326 @@
+"""Everything around the algorithm that both agents share: set-up, resume, diagnostics events, checkpoints.
+
+An agent file keeps the algorithm (network, targets, loss, update, schedules) and
+calls into this module for the plumbing, one line each:
+
+    run = experiment.start(args, agent="dqn", categorical=...)   # validate, seed, run folder, env, buffer
+    global_step, obs = run.begin(q_network=..., optimizer=..., ...)  # fresh start or exact resume
+    ...                                                          # the loop
+    run.end_iteration(global_step, obs)                          # logs, checkpoints, Ctrl-C
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from envs.factory import AgentEnv, env_family
+from envs.replay_buffer import make_replay_buffer
+from plasticity.checkpoint import (
+    CHECKPOINT_FILE,
+    NonFiniteLossError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from plasticity.config import ConfigError, resolve_family_defaults, run_tag, validate_common
+from plasticity.tracking import CONFIG_FILE, Tracker, args_to_dict, read_json, write_json, write_status
+
+BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """True when a multiple of ``every`` lies in (before, after] (cadences in env steps with num_envs > 1)."""
+    return every > 0 and after // every > before // every
+
+
+def updates_due(before: int, after: int, train_frequency: int, learning_starts: int) -> int:
+    """Gradient updates to run for the env steps (before, after]: one per ``train_frequency`` after learning starts."""
+    if after <= learning_starts:
+        return 0
+    return after // train_frequency - max(before, learning_starts) // train_frequency
+
+
+def updates_done(global_step: int, train_frequency: int, learning_starts: int) -> int:
+    return updates_due(0, global_step, train_frequency, learning_starts)
+
+
+_active_run: Run | None = None
+
+
+def cli(args_type: type, main: Callable) -> None:
+    """Parse flags with tyro and run ``main``.
+
+    Bad flags or inputs: one ``error:`` line, exit status 2.  A NaN loss: its
+    message, exit status 1.  Anything else (a bug) keeps its traceback, and the
+    run folder's status.json says the run failed.
+    """
+    args = tyro.cli(args_type)
+    try:
+        main(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except BaseException as error:
+        if _active_run is not None and _active_run.tracker is not None:
+            write_status(_active_run.run_dir, "failed", -1, _active_run.args.total_timesteps, repr(error))
+        raise
+
+
+def epsilon_greedy(q_values: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-env: a uniformly random action with probability epsilon, else the greedy one (tensor ops only)."""
+    num_envs, num_actions = q_values.shape
+    device = q_values.device
+    random_actions = torch.randint(num_actions, (num_envs,), device=device, generator=generator)
+    explore = torch.rand(num_envs, device=device, generator=generator) < epsilon
+    return torch.where(explore, random_actions, q_values.argmax(dim=1))
+
+
+def _load_resumed_args(args):
+    run_dir = Path(args.resume)
+    config = read_json(run_dir / CONFIG_FILE)
+    known = {f.name for f in dataclasses.fields(type(args))}
+    resumed = type(args)(**{k: v for k, v in config.items() if k in known})
+    resumed.resume = str(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; the run stopped before its first "
+                          "checkpoint, start it again without --resume")
+    return resumed, config
+
+
+class Run:
+    """One training run: its folder, device, env, replay buffer, tracker and checkpoints."""
+
+    def __init__(self, args, agent: str, categorical: bool):
+        global _active_run
+        _active_run = self
+        self.agent = agent
+        self.tracker: Tracker | None = None
+        resumed_config = None
+        if args.resume:
+            args, resumed_config = _load_resumed_args(args)
+            print(f"resuming {args.resume} with its saved {CONFIG_FILE} (other flags are ignored)", file=sys.stderr)
+        try:
+            family = env_family(args.env_id)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.is_atari = family == "atari"
+        resolve_family_defaults(args, self.is_atari)
+        validate_common(args, is_atari=self.is_atari, categorical=categorical)
+        if not args.exp_name:
+            args.exp_name = agent
+        self.args = args
+
+        # Seeding (spec agents.md): python, numpy, torch; the env and buffer get their own generators.
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+
+        if resumed_config is not None:
+            self.run_dir = Path(args.resume)
+            self.run_name = resumed_config.get("run_name", self.run_dir.name)
+        else:
+            env_name = args.env_id.replace("/", "_")
+            self.run_name = args.run_name or f"{env_name}__{agent}__{run_tag(args)}__{args.seed}__{int(time.time())}"
+            self.run_dir = Path(args.runs_dir) / self.run_name
+            if (self.run_dir / CHECKPOINT_FILE).exists():
+                raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                                  "or choose another --run-name")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / CONFIG_FILE, {**args_to_dict(args), "agent": agent, "run_name": self.run_name})
+
+        try:
+            self.envs = AgentEnv.make(args, self.device)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
+        buffer_device = self._buffer_device()
+        self.buffer = make_replay_buffer(self.envs.obs_shape, args.buffer_size, args.num_envs, buffer_device,
+                                         seed=args.seed)
+        self.action_generator = torch.Generator(device=self.device)
+        self.action_generator.manual_seed(args.seed)
+        self.stateful: dict = {}
+        self._stop_requested = False
+        self._good_step = -1  # last step at which the loss was known finite
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def _buffer_device(self) -> torch.device:
+        args = self.args
+        if args.buffer_device != "auto":
+            return torch.device(args.buffer_device)
+        if self.device.type != "cuda":
+            return self.device
+        per_transition = 2 * int(np.prod(self.envs.obs_shape)) + 16
+        free, _total = torch.cuda.mem_get_info(self.device)
+        # Keep the buffer on the GPU only when it leaves most of the memory for training.
+        return self.device if per_transition * args.buffer_size < 0.6 * free else torch.device("cpu")
+
+    # ---- start / resume ----
+    def begin(self, **stateful) -> tuple[int, torch.Tensor]:
+        """Register the objects a checkpoint holds; return (global_step, current obs), fresh or resumed."""
+        self.stateful = stateful
+        args = self.args
+        global_step = 0
+        if args.resume:
+            try:
+                state = load_checkpoint(self.run_dir, map_location=self.device)
+            except (FileNotFoundError, ValueError) as error:
+                raise ConfigError(str(error)) from None
+            for name, obj in stateful.items():
+                obj.load_state_dict(state[name])
+            self.envs.load_state_dict(state["env"])
+            if "buffer" in state:
+                self.buffer.load_state_dict(state["buffer"])
+            else:
+                print("note: the checkpoint holds no replay buffer; it refills from the resumed step", file=sys.stderr)
+            self.action_generator.set_state(state["action_generator"].cpu() if self.device.type == "cpu"
+                                            else state["action_generator"])
+            set_rng_state(state["rng"])
+            global_step = int(state["global_step"])
+            obs = state["obs"].to(self.device)
+            self.tracker = self._make_tracker(global_step)
+            self.tracker.load_state_dict(state["tracker"])
+            self._good_step = global_step
+        else:
+            obs = self.envs.reset(seed=args.seed)
+            self.tracker = self._make_tracker(0)
+        write_status(self.run_dir, "running", global_step, args.total_timesteps)
+        self._install_signal_handlers()
+        return global_step, obs
+
+    def _make_tracker(self, start_step: int) -> Tracker:
+        args = self.args
+        config = {**args_to_dict(args), "agent": self.agent, "run_name": self.run_name}
+        return Tracker(self.run_dir, config, args.total_timesteps, args.log_every, self.device,
+                       start_step=start_step, num_envs=args.num_envs, accuracy_window=args.log_every)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self._stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            print("\nstopping after this step; a checkpoint will be written (Ctrl-C again to abort)", file=sys.stderr)
+            self._stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, request_stop)
+            except ValueError:  # not in the main thread (e.g. some test runners): no handler
+                pass
+
+    def request_stop(self) -> None:
+        """Stop cleanly at the end of the current iteration (what SIGINT/SIGTERM do)."""
+        self._stop_requested = True
+
+    # ---- per-step bookkeeping ----
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Remember (on device, no sync) whether a loss was NaN/inf; checked at every log flush."""
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+
+    def record(self, global_step: int, step) -> None:
+        """Log what one env step produced (episodes, accuracy, task switches); ``step`` is an AgentEnv.Step."""
+        tracker = self.tracker
+        tracker.episodes(global_step, step.episode_returns, step.episode_lengths, group=step.group)
+        if step.greedy_correct is not None:
+            tracker.task_accuracy(step.greedy_correct)
+        if step.task_id != step.previous_task_id:
+            tracker.task_switch(global_step, step.previous_task_id, step.task_id)
+
+    def end_iteration(self, global_step: int, obs: torch.Tensor) -> bool:
+        """Flush logs, check the loss, checkpoint on cadence or on request. Returns False to stop the loop."""
+        args = self.args
+        before = global_step - args.num_envs
+        if self.tracker.maybe_flush(global_step):
+            self._check_finite(global_step)
+        if crossed(before, global_step, args.checkpoint_every):
+            self.checkpoint(global_step, obs)
+        if self._stop_requested:
+            self.checkpoint(global_step, obs)
+            self.tracker.close()
+            write_status(self.run_dir, "interrupted", global_step, args.total_timesteps)
+            print(f"interrupted at step {global_step}; continue with --resume {self.run_dir}", file=sys.stderr)
+            return False
+        return True
+
+    def _check_finite(self, global_step: int) -> None:
+        if bool(self._nonfinite):
+            args = self.args
+            self.tracker.close()
+            last = (f"the last good checkpoint (step {self._good_step}) is {self.run_dir / CHECKPOINT_FILE}"
+                    if self._good_step >= 0 else "no checkpoint was written before it")
+            message = (f"the loss became NaN/inf before step {global_step}; {last}. Try a lower --learning-rate, "
+                       "a regularised network (--layer-norm, --l2) or check the rewards.")
+            write_status(self.run_dir, "failed", global_step, args.total_timesteps, message)
+            raise NonFiniteLossError(message)
+        self._good_step = global_step
+
+    def checkpoint(self, global_step: int, obs: torch.Tensor) -> None:
+        """Write checkpoint.pt -- only when the loss is known finite, so it is always a good state."""
+        self._check_finite(global_step)
+        args = self.args
+        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        state.update(global_step=global_step, obs=obs, env=self.envs.state_dict(), rng=rng_state(),
+                     action_generator=self.action_generator.get_state(), tracker=self.tracker.state_dict())
+        include_buffer = args.checkpoint_buffer == "always" or (
+            args.checkpoint_buffer == "auto" and self.buffer.nbytes <= BUFFER_CHECKPOINT_AUTO_LIMIT)
+        if include_buffer:
+            state["buffer"] = self.buffer.state_dict()
+        save_checkpoint(self.run_dir, state)
+        self._good_step = global_step
+
+    def finish(self, global_step: int, obs: torch.Tensor) -> None:
+        self.tracker.flush(global_step)
+        self._check_finite(global_step)
+        self.checkpoint(global_step, obs)
+        self.tracker.close()
+        self.envs.close()
+        write_status(self.run_dir, "completed", global_step, self.args.total_timesteps)
+
+    # ---- diagnostics (spec diagnostics.md "When and on what") ----
+    def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,
+                 clip_range: tuple[float, float] | None = None) -> None:
+        """Run the diagnostics whose cadence was crossed, on a probe batch from the replay buffer.
+
+        ``td_targets(batch)`` and ``td_loss(batch)`` are the agent's own target and loss functions.
+        """
+        args = self.args
+        due = {name: crossed(before, global_step, getattr(args, f"{name}_every"))
+               for name in ("diag", "entk", "hessian", "probe")}
+        if not any(due.values()) or len(self.buffer) < 2:
+            return
+        batch = self.buffer.sample(min(args.diag_batch, len(self.buffer)))
+        scalars: dict[str, float] = {}
+        if due["diag"]:
+            with torch.no_grad():
+                targets = td_targets(batch)
+            scalars.update(diagnostics.measure(batch.obs, targets, batch.actions, clip_range=clip_range))
+        if due["entk"]:
+            scalars.update(diagnostics.entk(batch.obs, batch.actions))
+        if due["hessian"]:
+            scalars.update(diagnostics.hessian_max_eig(lambda: td_loss(batch)))
+        if due["probe"]:
+            scalars.update(diagnostics.probe_fit_loss(batch.obs))
+        self.tracker.log_dict(scalars, global_step)
+
+
+def start(args, agent: str, categorical: bool = False) -> Run:
+    """Validate the flags, seed everything, create the run folder, the env and the replay buffer."""
+    return Run(args, agent, categorical)

@@ -1,0 +1,230 @@
+"""Run folders, TensorBoard logging and progress display shared by both agents (spec agents.md "Outputs").
+
+A run folder ``<runs_dir>/<run_name>/`` holds the TensorBoard event files,
+``config.json`` (the full Args), ``status.json`` (running / completed / failed /
+interrupted, with the step) and ``checkpoint.pt``.
+
+Scalars produced in the hot loop stay on the training device: they are queued
+and moved to the host in one transfer every ``log_every`` env steps, so logging
+adds no per-step host-device synchronisation.  ``charts/SPS`` is the rate over
+the last window, logged from the first window on (pitfall 12).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is this a run folder written by agents/dqn.py or agents/c51.py?") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt ({error}); restore it or start a new run") from None
+
+
+def args_to_dict(args) -> dict:
+    return dataclasses.asdict(args)
+
+
+def markdown_table(config: dict) -> str:
+    rows = "\n".join(f"|{key}|{value}|" for key, value in sorted(config.items()))
+    return "|param|value|\n|-|-|\n" + rows
+
+
+def write_status(run_dir: Path, status: str, global_step: int, total_timesteps: int, message: str = "") -> None:
+    data = {"status": status, "global_step": int(global_step), "total_timesteps": int(total_timesteps),
+            "time": time.time()}
+    if message:
+        data["message"] = message
+    write_json(Path(run_dir) / STATUS_FILE, data)
+
+
+class Tracker:
+    """TensorBoard writer + windowed scalars + episode/task statistics + progress line.
+
+    Hot-loop calls (``mean``, ``episodes``, ``task_accuracy``) only queue device
+    tensors; ``maybe_flush(step)`` writes them every ``log_every`` env steps with
+    one host transfer.  ``purge_step`` (on resume) tells TensorBoard to drop the
+    events an interrupted run wrote after its last checkpoint, so the resumed run
+    has no duplicated steps.
+    """
+
+    def __init__(self, run_dir: Path, config: dict, total_timesteps: int, log_every: int, device: torch.device,
+                 start_step: int = 0, num_envs: int = 1, accuracy_window: int = 1000):
+        self.run_dir = Path(run_dir)
+        self.total_timesteps = total_timesteps
+        self.log_every = log_every
+        self.device = device
+        resumed = start_step > 0
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step if resumed else None)
+        if not resumed:
+            self.writer.add_text("hyperparameters", markdown_table(config))
+        self._means: dict[str, list[torch.Tensor]] = {}
+        self._scalars: list[tuple[str, int, torch.Tensor]] = []
+        self._episodes: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
+        self.recent_return: float | None = None
+        self.last_flush_step = start_step
+        self._window_start_time = time.perf_counter()
+        self._window_start_step = start_step
+        self._start_time = time.perf_counter()
+        self._start_step = start_step
+        self._last_plain_line = 0.0
+        self._tty = sys.stderr.isatty()
+        # Greedy accuracy over the last `accuracy_window` env steps of the current task (image MDP).
+        slots = max(1, -(-accuracy_window // num_envs))
+        self._accuracy_ring = torch.zeros(slots, device=device)
+        self._accuracy_filled = 0
+        self._task_return_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._task_episode_count = 0
+
+    # ---- hot-loop calls: queue device tensors, no host sync ----
+    def mean(self, tag: str, value: torch.Tensor) -> None:
+        """Average ``value`` over the current logging window (e.g. losses/td_loss)."""
+        self._means.setdefault(tag, []).append(value.detach().reshape(()).float())
+
+    def scalar(self, tag: str, value: torch.Tensor | float, step: int) -> None:
+        value = value.detach().reshape(()).float() if torch.is_tensor(value) else torch.tensor(float(value))
+        self._scalars.append((tag, step, value))
+
+    def episodes(self, step: int, returns: torch.Tensor, lengths: torch.Tensor, group: str = "") -> None:
+        """Queue the episodes that ended at ``step`` (1-D tensors of their returns and lengths).
+
+        ``group`` (e.g. the current Atari game) adds ``charts/episodic_return/<group>``.
+        """
+        if returns.numel() == 0:
+            return
+        self._episodes.append((step, group, returns.detach().float(), lengths.detach().float()))
+        self._task_return_sum += returns.sum()
+        self._task_episode_count += returns.numel()
+
+    def task_accuracy(self, correct_fraction: torch.Tensor) -> None:
+        """Record this step's greedy accuracy (image MDP) for charts/accuracy and task_final_accuracy."""
+        self.mean("charts/accuracy", correct_fraction)
+        self._accuracy_ring[self._accuracy_filled % len(self._accuracy_ring)] = correct_fraction.float()
+        self._accuracy_filled += 1
+
+    def task_switch(self, step: int, finished_task: int, new_task: int) -> None:
+        """Close ``finished_task``: its final accuracy and mean episodic return, logged at ``step``."""
+        if self._accuracy_filled:
+            filled = min(self._accuracy_filled, len(self._accuracy_ring))
+            self._scalars.append(("charts/task_final_accuracy", step, self._accuracy_ring[:filled].mean()))
+        if self._task_episode_count:
+            self._scalars.append(("charts/task_return", step, self._task_return_sum / self._task_episode_count))
+        self._scalars.append(("charts/task_id", step, torch.tensor(float(new_task))))
+        self._accuracy_filled = 0
+        self._task_return_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._task_episode_count = 0
+
+    # ---- flushing ----
+    def maybe_flush(self, step: int, force: bool = False) -> bool:
+        if not force and step - self.last_flush_step < self.log_every:
+            return False
+        self.flush(step)
+        return True
+
+    def flush(self, step: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - self._window_start_time
+        if step > self._window_start_step and elapsed > 0:
+            self.writer.add_scalar("charts/SPS", (step - self._window_start_step) / elapsed, step)
+        self._window_start_time, self._window_start_step = now, step
+        mean_tags = list(self._means)
+        values = [torch.stack(self._means[tag]).mean().to(self.device) for tag in mean_tags]
+        values += [value.to(self.device) for _, _, value in self._scalars]
+        host = torch.stack(values).tolist() if values else []  # the one transfer of the window
+        for tag, value in zip(mean_tags, host):
+            self.writer.add_scalar(tag, value, step)
+        # One value per (tag, step): a task switch on a logging step must not write task_id twice.
+        latest = {(tag, scalar_step): value for (tag, scalar_step, _), value in zip(self._scalars, host[len(mean_tags):])}
+        for (tag, scalar_step), value in latest.items():
+            self.writer.add_scalar(tag, value, scalar_step)
+        self._means.clear()
+        self._scalars.clear()
+        self._flush_episodes()
+        self.last_flush_step = step
+        self._progress(step)
+
+    def _flush_episodes(self) -> None:
+        if not self._episodes:
+            return
+        returns = torch.cat([e[2] for e in self._episodes]).tolist()
+        lengths = torch.cat([e[3] for e in self._episodes]).tolist()
+        index = 0
+        for step, group, episode_returns, _ in self._episodes:
+            for _ in range(len(episode_returns)):
+                self.writer.add_scalar("charts/episodic_return", returns[index], step)
+                self.writer.add_scalar("charts/episodic_length", lengths[index], step)
+                if group:
+                    self.writer.add_scalar(f"charts/episodic_return/{group}", returns[index], step)
+                self.recent_return = returns[index]
+                index += 1
+        self._episodes.clear()
+
+    def log_dict(self, scalars: dict[str, float], step: int) -> None:
+        """Write host floats (e.g. one diagnostics event) at ``step``."""
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def _progress(self, step: int) -> None:
+        rate = (step - self._start_step) / max(time.perf_counter() - self._start_time, 1e-9)
+        eta = (self.total_timesteps - step) / rate if rate > 0 else float("inf")
+        recent = "n/a" if self.recent_return is None else f"{self.recent_return:.2f}"
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        line = (f"step {step}/{self.total_timesteps} ({100 * step / self.total_timesteps:.1f}%) | "
+                f"SPS {rate:.0f} | return {recent} | ETA {eta_text}")
+        if self._tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif time.perf_counter() - self._last_plain_line >= 30 or step >= self.total_timesteps:
+            print(line, file=sys.stderr, flush=True)
+            self._last_plain_line = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """Everything queued but not yet written, so a resumed run logs exactly what an uninterrupted one would."""
+        return {
+            "means": {tag: torch.stack(values) for tag, values in self._means.items()},
+            "scalars": [(tag, step, value) for tag, step, value in self._scalars],
+            "episodes": list(self._episodes),
+            "accuracy_ring": self._accuracy_ring, "accuracy_filled": self._accuracy_filled,
+            "task_return_sum": self._task_return_sum, "task_episode_count": self._task_episode_count,
+            "last_flush_step": self.last_flush_step,
+            "recent_return": self.recent_return,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.device
+        self._means = {tag: list(values.to(device).unbind()) for tag, values in state["means"].items()}
+        self._scalars = [(tag, step, value.to(device)) for tag, step, value in state["scalars"]]
+        self._episodes = [(step, group, returns.to(device), lengths.to(device))
+                          for step, group, returns, lengths in state["episodes"]]
+        self._accuracy_ring = state["accuracy_ring"].to(device)
+        self._accuracy_filled = state["accuracy_filled"]
+        self._task_return_sum = state["task_return_sum"].to(device)
+        self._task_episode_count = state["task_episode_count"]
+        self.last_flush_step = state["last_flush_step"]
+        self.recent_return = state["recent_return"]
+
+    def close(self) -> None:
+        if self._tty:
+            print(file=sys.stderr)
+        self.writer.flush()
+        self.writer.close()
