@@ -59,27 +59,31 @@ class SoftWeightRescaling:
         self.coef, self.head_coef = float(coef), float(head_coef)
         self.weights, self.biases = weights, biases
         self.coefs = torch.tensor(coefs, device=device)
+        self.init_norms = torch.empty(len(weights), device=device)
         with torch.no_grad():
-            self.init_norms = torch.stack(torch._foreach_norm(weights)).detach()  # ‖W_l^0‖, recorded once
-        # running = [1, c_1, c_1c_2, ...]: C_l = running[l + 1] / running[start_l].
-        self._bias_end = torch.tensor([i + 1 for i in bias_layer], device=device)
-        self._bias_start = torch.tensor([segment_start[i] for i in bias_layer], device=device, dtype=torch.long)
-        self._output_start = segment_start[-1]
+            self.init_norms.copy_(torch.stack(torch._foreach_norm(weights)))  # ‖W_l^0‖, recorded once
+        # running = [1, c_1, c_1c_2, ...]: C_l = running[l + 1] / running[start_l]; row 0 ends, row 1 starts.
+        self._bias_bounds = torch.tensor([[i + 1 for i in bias_layer], [segment_start[i] for i in bias_layer]],
+                                         device=device, dtype=torch.long)
+        self._output_bounds = (len(weights), segment_start[-1])
         self._one = torch.ones(1, device=device)
+        self._keep = 1.0 - self.coefs
+        self._pull = self.coefs * self.init_norms  # λ·‖W^0‖, refreshed by load_state_dict
         self.last_scale = torch.ones((), device=device)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Rescale all layers in place; returns the output scale Π_{l≥k} c_l as a 0-dim device tensor."""
         norms = torch.stack(torch._foreach_norm(self.weights))
-        scale = self.coefs * self.init_norms / norms + (1.0 - self.coefs)
+        scale = torch.addcdiv(self._keep, self._pull, norms)  # (λ‖W^0‖ + (1−λ)‖W‖)/‖W‖ in one kernel
         scale = torch.where(norms > 0, scale, 1.0)  # an all-zero tensor stays zero; leave its biases alone
         running = torch.cat([self._one, torch.cumprod(scale, 0)])
-        bias_scale = running[self._bias_end] / running[self._bias_start]
-        torch._foreach_mul_(self.weights, list(scale.unbind()))
-        if self.biases:
-            torch._foreach_mul_(self.biases, list(bias_scale.unbind()))
-        self.last_scale = running[-1] / running[self._output_start]
+        bounds = running[self._bias_bounds]
+        bias_scale = bounds[0] / bounds[1]
+        # One call for all tensors: weights by c_l, biases by C_l.
+        torch._foreach_mul_(self.weights + self.biases, [*scale.unbind(), *bias_scale.unbind()])
+        end, start = self._output_bounds
+        self.last_scale = running[end] / running[start]
         return self.last_scale
 
     def state_dict(self) -> dict:
@@ -91,3 +95,4 @@ class SoftWeightRescaling:
             raise ValueError(f"SWR state has {init_norms.shape[0]} layer norms, this model {self.init_norms.shape[0]}"
                              " (a checkpoint of another network?)")
         self.init_norms.copy_(init_norms)
+        self._pull = self.coefs * self.init_norms
