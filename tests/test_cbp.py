@@ -34,6 +34,12 @@ def _cnn(seed=0):
                          nn.Linear(6 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
+def _cnn_layer_norm(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.LayerNorm([4, 6, 6]), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3))
+
+
 def _inputs(model, batch=16, generator=None):
     shape = (5,) if isinstance(model[0], nn.Flatten) else (2, 8, 8)
     return torch.randn(batch, *shape, generator=generator)
@@ -258,7 +264,7 @@ def test_property_5_2_no_unit_is_replaced_again_within_maturity():
     assert cbp.total_replacements == expected_total > 100
 
 
-@pytest.mark.parametrize("build", [lambda: _mlp(layer_norm=True), _cnn])
+@pytest.mark.parametrize("build", [lambda: _mlp(layer_norm=True), _cnn, _cnn_layer_norm])
 def test_property_5_3_adam_moments_of_replaced_entries_are_zero_and_parameters_stay_trained(build):
     """5.3 and pitfalls 1-2: same Parameter objects in the optimiser, zero moments on every touched
     row/column (LN γ/β included), untouched entries' moments kept, and the new units keep learning."""
