@@ -193,8 +193,9 @@ class ContinualBackprop:
             outgoing = next_layer.weight[:, units].sum(dim=(2, 3))  # a constant input channel through the kernel
             next_layer.bias.add_(outgoing @ mean_hat[units])
         else:
-            columns = next_layer_columns(hidden, units)
-            next_layer.bias.add_(next_layer.weight[:, columns] @ mean_hat[units].repeat_interleave(hidden.spatial))
+            # Each unit feeds `spatial` consecutive columns, all carrying f̂ of that unit.
+            outgoing = next_layer.weight[:, next_layer_columns(hidden, units)]
+            next_layer.bias.add_(outgoing.view(outgoing.shape[0], -1, hidden.spatial).sum(2) @ mean_hat[units])
         reinitialize_units_(hidden, units, self.optimizer, self.generator)
         stats.utility.index_fill_(0, units, 0.0)
         stats.mean.index_fill_(0, units, 0.0)

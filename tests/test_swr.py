@@ -214,10 +214,10 @@ def test_rescaled_tensors_are_weights_and_norm_gains_in_forward_order():
 @pytest.mark.gpu
 def test_swr_on_cuda_matches_cpu_without_sync():
     model = _cnn(layer_norm=True)
-    _perturb_(model)
     cuda_model = _cnn(layer_norm=True).cuda()
-    cuda_model.load_state_dict(model.state_dict())
     swr, cuda_swr = SoftWeightRescaling(model, 0.3), SoftWeightRescaling(cuda_model, 0.3)
+    _perturb_(model)
+    cuda_model.load_state_dict(model.state_dict())  # in place: the same Parameters, now perturbed
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -226,5 +226,6 @@ def test_swr_on_cuda_matches_cpu_without_sync():
         torch.cuda.set_sync_debug_mode("default")
     scale = swr.step()
     torch.testing.assert_close(cuda_scale.cpu(), scale, rtol=1e-5, atol=0)
+    assert abs(scale.item() - 1) > 0.05
     for p, q in zip(model.parameters(), cuda_model.parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)
