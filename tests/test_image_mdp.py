@@ -317,33 +317,31 @@ def test_old_mapping_oracle_drops_to_chance_after_label_permutation(mnist):
     env = ImageMDPVectorEnv(
         images=images,
         labels=labels,
-        num_envs=64,
+        num_envs=32,
         shift="label_permutation",
-        shift_every=20,
+        shift_every=10,
         obs_dtype=torch.uint8,
     )
     # Recognise each shown image by an exact integer hash of its pixels (a lookup table over the dataset).
     weights = torch.randint(0, 2**31, (28 * 28,), generator=torch.Generator().manual_seed(0))
     dataset_hashes, order = torch.sort((images.reshape(len(images), -1).long() * weights).sum(1))
     obs, info = env.reset()
-    accuracy_per_task, fixed_points = [], []
-    for task in range(30):
+    accuracy_per_task, fixed_fraction_per_task = [], []
+    for _ in range(30):  # one iteration = the 10 actions of one task
+        permutation = env.class_permutation
+        fixed_fraction_per_task.append((permutation == torch.arange(10)).float().mean().item())
         hits = 0.0
-        for _ in range(20):
-            position = torch.searchsorted(dataset_hashes, (obs.reshape(64, -1).long() * weights).sum(1))
-            old_oracle = labels[order[position]]
+        for _ in range(10):
+            position = torch.searchsorted(dataset_hashes, (obs.reshape(32, -1).long() * weights).sum(1))
+            old_oracle = labels[order[position]]  # the label each shown image had at task 0
             obs, reward, _, _, info = env.step(old_oracle)
             hits += reward.mean().item()
-        accuracy_per_task.append(hits / 20)
-        if task > 0:
-            fixed_points.append(
-                (env.state_dict()["class_permutation"] == torch.arange(10)).float().mean().item()
-            )
-        # Before the first switch the old mapping is the mapping: (almost) perfect.
+        accuracy_per_task.append(hits / 10)
+    # Before the first switch the old mapping is the mapping: (almost) perfect (MNIST has a few duplicates).
     assert accuracy_per_task[0] > 0.99
-    # Afterwards the old oracle is right exactly where the permutation fixes the class: ~1/K on average.
-    assert abs(np.mean(accuracy_per_task[1:29]) - 0.1) < 0.04
-    assert abs(np.mean(accuracy_per_task[1:29]) - np.mean(fixed_points[:28])) < 0.03
+    # Afterwards the old oracle is right only where the permutation fixes the class: ~1/K on average.
+    assert abs(np.mean(accuracy_per_task[1:]) - 0.1) < 0.04
+    assert np.allclose(accuracy_per_task[1:], fixed_fraction_per_task[1:], atol=0.06)
 
 
 # ---------------------------------------------------------------------------
@@ -449,16 +447,16 @@ def test_state_dict_round_trip_resumes_the_identical_stream(tmp_path):
 # Q*
 # ---------------------------------------------------------------------------
 def value_iteration(num_classes: int, gamma: float, sweeps: int = 3000) -> torch.Tensor:
-    """Independent reference for the sparse variant: plain value iteration on the spec's dynamics."""
+    """Independent reference for the sparse variant: plain value iteration on the spec's dynamics (numpy)."""
     k = num_classes
-    pays = torch.zeros(k, dtype=torch.float64)
+    pays = np.zeros(k)
     pays[k - 1] = 1.0
-    q = torch.zeros(k, k, dtype=torch.float64)
+    q = np.zeros((k, k))
     for _ in range(sweeps):
-        v = q.max(1).values
-        q = torch.full((k, k), gamma * v.mean().item(), dtype=torch.float64)  # wrong answer: uniform jump
-        q.diagonal().copy_(pays + gamma * v.roll(-1))  # right answer: s -> s + 1, paid at K - 1
-    return q
+        v = q.max(1)
+        q = np.full((k, k), gamma * v.mean())  # wrong answer: uniform jump
+        np.fill_diagonal(q, pays + gamma * np.roll(v, -1))  # right answer: s -> s + 1, paid at K - 1
+    return torch.from_numpy(q)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.99])
@@ -484,7 +482,7 @@ def test_optimal_q_sparse_solves_the_bellman_optimality_equation(gamma):
 
 
 def test_optimal_q_sparse_matches_monte_carlo_returns():
-    gamma, k, num_envs = 0.8, 4, 8192
+    gamma, k, num_envs = 0.8, 4, 4096
     env, _, _ = make_tiny(variant="sparse", num_classes=k, num_envs=num_envs, seed=11)
     q_star = env.optimal_q(gamma).double()
     greedy = q_star.argmax(1)
