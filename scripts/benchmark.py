@@ -145,14 +145,14 @@ class RayBackend:
     """
 
     def __init__(self, address: str, cpus_per_run: float, gpus_per_run: float, max_in_flight: int | None):
+        if not address:
+            raise ValueError("--backend ray needs --ray-address HOST:PORT of a running cluster "
+                             "(started with `ray start --head`), or 'auto' on a cluster node")
         try:
             import ray
         except ImportError:
             raise ValueError("--backend ray needs Ray: pip install 'plasticity-rl[ray]' (or pip install 'ray>=2.9')") \
                 from None
-        if not address:
-            raise ValueError("--backend ray needs --ray-address HOST:PORT of a running cluster "
-                             "(started with `ray start --head`), or 'auto' on a cluster node")
         import logging
 
         self._ray = ray

@@ -135,13 +135,13 @@ def figure_paths(out: str, formats: list[str] | None) -> list[Path]:
     return [out]
 
 
-def draw_figure(groups: list[Group], tags: list[str], args, reference) -> list[Path]:
+def build_figure(groups: list[Group], tags: list[str], args, reference=None):
+    """One panel per tag: each group's aggregate curve with its CI band, task switches as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = figure_paths(args.out or "plot.png", args.formats)
     columns = min(len(tags), PANEL_COLUMNS)
     rows = math.ceil(len(tags) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
@@ -174,11 +174,16 @@ def draw_figure(groups: list[Group], tags: list[str], args, reference) -> list[P
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), frameon=False)
     legend_rows = math.ceil(len(handles) / 4)
     fig.tight_layout(rect=(0, 0.06 * legend_rows / rows, 1, 1))
+    return fig
+
+
+def save_figure(fig, paths: list[Path], dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=args.dpi)
+        fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return paths
 
 
 def final_table(groups: list[Group], tags: list[str], args, reference) -> list[dict]:
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.csv:
                 write_csv(rows, Path(args.csv))
         else:
-            paths = draw_figure(groups, tags, args, reference)
+            paths = figure_paths(args.out or "plot.png", args.formats)
+            save_figure(build_figure(groups, tags, args, reference), paths, args.dpi)
             print(f"wrote {', '.join(map(str, paths))} ({len(groups)} groups, {len(runs)} runs, {len(tags)} panels)")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
