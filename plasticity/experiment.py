@@ -160,6 +160,7 @@ class Run:
         self.action_generator.manual_seed(args.seed)
         self.stateful: dict = {}
         self._stop_requested = False
+        self._previous_handlers: dict = {}
         self._good_step = -1  # last step at which the loss was known finite
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
@@ -222,9 +223,14 @@ class Run:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, request_stop)
+                self._previous_handlers[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not in the main thread (e.g. some test runners): no handler
                 pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
 
     def request_stop(self) -> None:
         """Stop cleanly at the end of the current iteration (what SIGINT/SIGTERM do)."""
@@ -248,13 +254,18 @@ class Run:
         """Flush logs, check the loss, checkpoint on cadence or on request. Returns False to stop the loop."""
         args = self.args
         before = global_step - args.num_envs
-        if self.tracker.maybe_flush(global_step):
+        # A periodic checkpoint first writes every queued scalar, so a crash after it can only have
+        # written steps beyond the checkpoint -- exactly what the resumed run purges and writes again.
+        periodic = crossed(before, global_step, args.checkpoint_every)
+        if self.tracker.maybe_flush(global_step, force=periodic):
             self._check_finite(global_step)
-        if crossed(before, global_step, args.checkpoint_every):
+        if periodic:
             self.checkpoint(global_step, obs)
         if self._stop_requested:
             self.checkpoint(global_step, obs)
             self.tracker.close()
+            self.envs.close()
+            self._restore_signal_handlers()
             write_status(self.run_dir, "interrupted", global_step, args.total_timesteps)
             print(f"interrupted at step {global_step}; continue with --resume {self.run_dir}", file=sys.stderr)
             return False
@@ -264,6 +275,7 @@ class Run:
         if bool(self._nonfinite):
             args = self.args
             self.tracker.close()
+            self._restore_signal_handlers()
             last = (f"the last good checkpoint (step {self._good_step}) is {self.run_dir / CHECKPOINT_FILE}"
                     if self._good_step >= 0 else "no checkpoint was written before it")
             message = (f"the loss became NaN/inf before step {global_step}; {last}. Try a lower --learning-rate, "
@@ -292,6 +304,7 @@ class Run:
         self.checkpoint(global_step, obs)
         self.tracker.close()
         self.envs.close()
+        self._restore_signal_handlers()
         write_status(self.run_dir, "completed", global_step, self.args.total_timesteps)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----

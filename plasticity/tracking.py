@@ -76,7 +76,8 @@ class Tracker:
         self.log_every = log_every
         self.device = device
         resumed = start_step > 0
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step if resumed else None)
+        # On resume, TensorBoard drops what the interrupted run wrote after its checkpoint (steps > start_step).
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if resumed else None)
         if not resumed:
             self.writer.add_text("hyperparameters", markdown_table(config))
         self._means: dict[str, list[torch.Tensor]] = {}

@@ -1,0 +1,225 @@
+"""Short real runs of both agents: the logs they write, determinism, resume, NaN losses, bad input.
+
+Image-MDP runs use the real MNIST test split (skipped without it); Atari runs use
+a real ROM shipped inside ale-py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents import c51, dqn
+from plasticity import experiment
+from plasticity.checkpoint import NonFiniteLossError
+from plasticity.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENTS = {"dqn": dqn, "c51": c51}
+
+# Everything a researcher can switch on, at once (cadences short enough to fire in a few hundred steps).
+ALL_TOGGLES = dict(layer_norm=True, l2=1e-5, l2_init=1e-5, swr=0.01, swr_head=0.02, cbp=True, cbp_maturity=10,
+                   cbp_replacement_rate=0.01, snp=1e-4, snp_every=20, redo_every=25, reset_head_every=40,
+                   double_q=True, entk_every=200, hessian_every=200, probe_every=200)
+DIAGNOSTIC_TAGS = {
+    "effective_rank", "srank", "stable_rank", "dead_frac", "linearized_frac", "dormant_frac", "preact_mean_abs",
+    "preact_std", "weight_norm", "weight_magnitude", "dist_from_init", "feature_norm", "grad_norm", "target_mean",
+    "target_std", "target_offset_ratio", "feature_sv_max", "feature_cond", "feature_mean_dominance",
+    "feature_mean_alignment", "q_mean", "q_std",
+}
+OPTIONAL_TAGS = {"entk_effective_rank", "entk_cond", "hessian_max_eig", "probe_fit_loss"}
+COMMON_TAGS = {"charts/SPS", "charts/epsilon", "losses/td_loss", "losses/q_values", "charts/task_id"}
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def mdp_args(agent: str, tmp_path: Path, mnist_dir: Path, **overrides):
+    fields = dict(env_id="ImageMDP/mnist", data_dir=str(mnist_dir), num_images=500, total_timesteps=400,
+                  learning_starts=100, buffer_size=1000, batch_size=16, hidden_sizes=[32, 32], diag_every=100,
+                  diag_batch=128, log_every=50, episode_length=50, shift=["label_permutation"], shift_every=200,
+                  runs_dir=str(tmp_path), run_name="run", cuda=False, checkpoint_every=0, v_min=-1.0, v_max=11.0)
+    fields.update(overrides)
+    return AGENTS[agent].Args(**fields)
+
+
+def run_agent(args) -> Path:
+    AGENTS["c51" if isinstance(args, c51.Args) else "dqn"].main(args)
+    return Path(args.runs_dir) / args.run_name
+
+
+@pytest.mark.parametrize("agent", ["dqn", "c51"])
+def test_image_mdp_run_with_every_toggle_writes_all_tags(agent, tmp_path, mnist_dir):
+    extra = {"loss": "hl_gauss"} if agent == "dqn" else {}
+    run_dir = run_agent(mdp_args(agent, tmp_path, mnist_dir, **ALL_TOGGLES, **extra))
+    scalars = read_scalars(run_dir)
+    tags = set(scalars)
+    assert COMMON_TAGS <= tags
+    assert {"charts/episodic_return", "charts/episodic_length", "charts/accuracy",
+            "charts/task_final_accuracy", "charts/task_return"} <= tags
+    assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS | OPTIONAL_TAGS} <= tags
+    assert "plasticity/target_clip_frac" in tags  # categorical losses log the clipped fraction
+    assert {"plasticity/swr_scale", "plasticity/cbp_replacements", "plasticity/redo_resets",
+            "plasticity/head_resets", "plasticity/snp_applications", "plasticity/l2_penalty"} <= tags
+    # Per-layer metrics carry the layer name (hidden blocks of the MLP torso).
+    assert any(tag.startswith("plasticity/dead_frac/torso.") for tag in tags)
+    # Episodes of 50 steps over 400 steps: 8 episodes, each logged exactly once (pitfall 13).
+    assert [step for step, _ in scalars["charts/episodic_return"]] == list(range(50, 401, 50))
+    assert all(0 <= value <= 50 for _, value in scalars["charts/episodic_return"])
+    # SPS over the last window, from the first window on (pitfall 12).
+    assert scalars["charts/SPS"][0][0] == 50
+    # The task switches at 200 and 400 each log the finished task's final accuracy.
+    assert [step for step, _ in scalars["charts/task_final_accuracy"]] == [200, 400]
+    assert all(math.isfinite(value) for series in scalars.values() for _, value in series)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["agent"] == agent and config["swr"] == 0.01 and config["cbp"] is True
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    # The checkpoint loads with the safe loader.
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 400 and "buffer" in state
+
+
+@pytest.mark.parametrize("agent", ["dqn", "c51"])
+def test_atari_run_with_every_toggle_writes_all_tags(agent, tmp_path):
+    toggles = {**ALL_TOGGLES, "entk_every": 0, "hessian_every": 0, "probe_every": 0}
+    args = AGENTS[agent].Args(env_id="ALE/Breakout-v5", total_timesteps=400, learning_starts=200, buffer_size=500,
+                              batch_size=8, diag_every=200, diag_batch=32, log_every=100, start_e=1.0, end_e=1.0,
+                              runs_dir=str(tmp_path), run_name="atari", cuda=False, checkpoint_every=0,
+                              **toggles)
+    scalars = read_scalars(run_agent(args))
+    assert COMMON_TAGS <= set(scalars)
+    assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS} <= set(scalars)
+    # Random play in Breakout loses 5 lives well within 400 agent steps: real game scores are logged.
+    returns = scalars["charts/episodic_return"]
+    assert returns and all(value >= 0 and value == int(value) for _, value in returns)
+    assert any(tag.startswith("plasticity/dead_frac/torso.") for tag in scalars)
+
+
+def comparable(scalars: dict) -> dict:
+    """Everything but wall-clock rates."""
+    return {tag: series for tag, series in scalars.items() if tag != "charts/SPS"}
+
+
+def test_same_seed_gives_identical_scalars(tmp_path, mnist_dir):
+    first = read_scalars(run_agent(mdp_args("dqn", tmp_path / "a", mnist_dir, swr=0.01, cbp=True)))
+    second = read_scalars(run_agent(mdp_args("dqn", tmp_path / "b", mnist_dir, swr=0.01, cbp=True)))
+    assert comparable(first) == comparable(second)
+    third = read_scalars(run_agent(mdp_args("dqn", tmp_path / "c", mnist_dir, swr=0.01, cbp=True, seed=2)))
+    assert comparable(first)["losses/td_loss"] != comparable(third)["losses/td_loss"]
+
+
+@pytest.mark.parametrize("agent", ["dqn", "c51"])
+def test_resume_equals_uninterrupted(agent, tmp_path, mnist_dir, monkeypatch):
+    toggles = dict(cbp=True, swr=0.01, l2_init=1e-4, layer_norm=True, checkpoint_every=100)
+    uninterrupted = read_scalars(run_agent(mdp_args(agent, tmp_path / "full", mnist_dir, **toggles)))
+
+    # Interrupt at step 250 exactly as Ctrl-C does: a stop request honoured at the end of the iteration.
+    original = experiment.Run.end_iteration
+
+    def interrupt_at_250(self, global_step, obs):
+        if global_step == 250 and not self.args.resume:
+            self.request_stop()
+        return original(self, global_step, obs)
+
+    monkeypatch.setattr(experiment.Run, "end_iteration", interrupt_at_250)
+    run_dir = run_agent(mdp_args(agent, tmp_path / "cut", mnist_dir, **toggles))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["global_step"] == 250
+    AGENTS[agent].main(AGENTS[agent].Args(resume=str(run_dir)))
+    resumed = read_scalars(run_dir)
+    assert comparable(resumed) == comparable(uninterrupted)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_resume_after_crash_drops_the_steps_after_the_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    """A crash (no clean stop) loses the steps after the last checkpoint; the resumed run logs them once."""
+    args = mdp_args("dqn", tmp_path, mnist_dir, checkpoint_every=200)
+    reference = read_scalars(run_agent(mdp_args("dqn", tmp_path / "ref", mnist_dir, checkpoint_every=200)))
+    original = experiment.Run.end_iteration
+
+    def crash_at_300(self, global_step, obs):
+        keep_going = original(self, global_step, obs)
+        if global_step == 300 and not self.args.resume:
+            self.tracker.writer.flush()
+            raise RuntimeError("simulated crash")
+        return keep_going
+
+    monkeypatch.setattr(experiment.Run, "end_iteration", crash_at_300)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_agent(args)
+    dqn.main(dqn.Args(resume=str(tmp_path / "run")))
+    assert comparable(read_scalars(tmp_path / "run")) == comparable(reference)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_a_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    real_loss = dqn.regression_loss
+    calls = {"n": 0}
+
+    def poisoned(kind, q_taken, targets):
+        calls["n"] += 1
+        loss = real_loss(kind, q_taken, targets)
+        return loss * float("nan") if calls["n"] > 40 else loss
+
+    monkeypatch.setattr(dqn, "regression_loss", poisoned)
+    args = mdp_args("dqn", tmp_path, mnist_dir, checkpoint_every=100, log_every=100)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf") as error:
+        run_agent(args)
+    assert "learning-rate" in str(error.value)
+    run_dir = tmp_path / "run"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "NaN" in status["message"]
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    # 40 good updates = 160 steps after learning starts at 100: the last good checkpoint is at 200.
+    assert state["global_step"] == 200
+    assert all(torch.isfinite(p).all() for p in state["q_network"].values())
+
+
+@pytest.mark.parametrize("agent, overrides, message", [
+    ("c51", dict(v_min=5.0, v_max=5.0), "--v-min"),
+    ("dqn", dict(loss="hl_gauss", n_atoms=1), "--n-atoms >= 2"),
+    ("dqn", dict(env_id="ALE/Breakout-v5", shift=["label_permutation"]), "--atari-shift"),
+    ("dqn", dict(env_id="ImageMDP/mnist", atari_shift=["games"]), "--shift"),
+    ("dqn", dict(env_id="ImageMDP/svhn"), "ImageMDP/mnist"),
+    ("dqn", dict(env_id="ALE/Breakuot-v5"), "Breakout"),
+    ("dqn", dict(buffer_size=8, batch_size=32), "--buffer-size"),
+])
+def test_invalid_flags_are_one_clear_error_before_any_work(agent, overrides, message, tmp_path):
+    args = AGENTS[agent].Args(runs_dir=str(tmp_path), cuda=False, total_timesteps=100, **overrides)
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-").replace("+", r"\+")):
+        AGENTS[agent].main(args)
+    assert not list(tmp_path.glob("*/events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a missing CUDA device")
+def test_cuda_requested_without_a_device_is_a_clear_cli_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "agents" / "dqn.py"), "--cuda", "--runs-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU"]
+
+
+def test_unknown_env_id_on_the_cli_lists_the_valid_ones(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "agents" / "c51.py"), "--env-id", "ImageMDP/svhn",
+                             "--no-cuda", "--runs-dir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ImageMDP/mnist" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_resume_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"env_id": "ImageMDP/mnist"}))
+    with pytest.raises(ConfigError, match="no checkpoint.pt"):
+        dqn.main(dqn.Args(resume=str(tmp_path)))
