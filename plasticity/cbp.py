@@ -106,6 +106,9 @@ class ContinualBackprop:
         device = self.layers[0].layer.weight.device
         self.generator = generator
         self.stats = [_UnitStatistics(hidden.num_units, device) for hidden in self.layers]
+        # |W^next| is written into a persistent buffer: a fresh multi-MB temporary every step costs page
+        # faults on CPU (the Nature CNN's 3136x512 layer: 6.4 MB), more than the arithmetic.
+        self._abs_buffers = [torch.empty_like(hidden.next_layer.weight, requires_grad=False) for hidden in self.layers]
         self.steps = 0
         self.total_replacements = 0  # host count
         self.replacements = torch.zeros((), dtype=torch.long, device=device)  # same count, for logging
@@ -119,13 +122,14 @@ class ContinualBackprop:
         return 1.0 - torch.pow(self.decay, self.ages(index))
 
     # ------------------------------------------------------------------ per-step statistics
-    def _outgoing_magnitude(self, hidden: HiddenLayer) -> torch.Tensor:
+    def _outgoing_magnitude(self, index: int) -> torch.Tensor:
         """Σ_k |W^next_{k,i}| per unit; after conv -> linear summed over the unit's H·W columns too."""
-        weight = hidden.next_layer.weight
-        if weight.ndim == 4:
-            return weight.abs().sum(dim=(0, 2, 3))
-        # abs().sum(0) then the spatial groups: ~3x faster on CPU than one strided reduction.
-        per_column = weight.abs().sum(0)
+        hidden = self.layers[index]
+        magnitude = torch.abs(hidden.next_layer.weight, out=self._abs_buffers[index])
+        if magnitude.ndim == 4:
+            return magnitude.sum(dim=(0, 2, 3))
+        # Sum over rows, then over each unit's spatial columns: ~3x faster on CPU than one strided reduction.
+        per_column = magnitude.sum(0)
         return per_column.view(hidden.num_units, hidden.spatial).sum(1) if hidden.spatial > 1 else per_column
 
     def _eligible_count(self, stats: _UnitStatistics, num_units: int) -> int:
@@ -151,7 +155,7 @@ class ContinualBackprop:
         # The recorder holds ReLU outputs (≥ 0), so mean_b |h_bi| = mean_b h_bi: one reduction per layer
         # (over batch and H, W for a conv channel) feeds both f and the contribution utility.
         batch_means = [h.mean(dim=(0, 2, 3) if h.ndim == 4 else 0, dtype=torch.float32) for h in activations]
-        outgoing = [self._outgoing_magnitude(hidden) for hidden in self.layers]
+        outgoing = [self._outgoing_magnitude(index) for index in range(len(self.layers))]
         torch._foreach_lerp_([s.mean for s in self.stats], batch_means, keep)  # step 2
         if self.utility == "contribution":  # step 3
             instant = torch._foreach_mul(batch_means, outgoing)

@@ -7,10 +7,12 @@ Measures, on a 4x84x84 Nature CNN Q-network (18 actions), batch 32, Adam:
   typical step (median), the amortised cost including the rare replacements (mean), and
   a step that replaces one unit in every layer.
 Each timing is the median (or mean, where said) over ``--repeats`` rounds after
-``--warmup`` rounds, synchronising CUDA around every call.
+``--warmup`` rounds: on CUDA wall time, synchronising around every call; on CPU the
+process's CPU time, so that other jobs on a shared machine do not distort it
+(single-threaded by default, where CPU time equals the work of the call).
 
     python -m scripts.bench_plasticity                 # CPU, and CUDA when available
-    python -m scripts.bench_plasticity --devices cpu --threads 2 --layer-norm
+    python -m scripts.bench_plasticity --devices cpu --layer-norm
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ class QNetwork(nn.Module):
 
 
 def _timed(fn: Callable[[], object], cuda: bool) -> float:
+    """CUDA: wall time with synchronisation. CPU: the process's CPU time, which other processes'
+    load on a shared machine does not inflate (it sums over torch's threads)."""
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    start = time.process_time()
     fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def bench_device(device: torch.device, layer_norm: bool, warmup: int, repeats: int) -> dict[str, float]:
@@ -96,13 +102,12 @@ def bench_device(device: torch.device, layer_norm: bool, warmup: int, repeats: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU time sums over them)")
     parser.add_argument("--layer-norm", action="store_true", help="Nature CNN with LayerNorm")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"Nature CNN {OBS_SHAPE}, batch {BATCH}, Adam, layer_norm={args.layer_norm}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         results = bench_device(device, args.layer_norm, args.warmup, args.repeats)
         update = results["update"]
-        print(f"\n[{label}] plain update: {update * 1e3:.3f} ms (median)")
+        clock = "wall time" if device.type == "cuda" else "process CPU time"
+        print(f"\n[{label}] plain update: {update * 1e3:.3f} ms (median {clock})")
         for key, text, target in (("swr", "SWR step (median)", 3.0),
                                   ("cbp_typical", "CBP step, typical (median)", 15.0),
                                   ("cbp_amortised", "CBP step at ρ=1e-4, amortised (mean)", 15.0),
