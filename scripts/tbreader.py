@@ -1,7 +1,7 @@
 """Read run folders written by the agents: config.json, status.json and every TensorBoard scalar.
 
 Spec agents.md "Outputs of one run".  Event files are read with TensorBoard's
-own loader (``event_file_loader.EventFileLoader``); a run resumed from a
+own loader (``event_file_loader.RawEventFileLoader`` and its ``Event`` protobuf); a run resumed from a
 checkpoint has several event files, merged the way TensorBoard shows them:
 files in the order they were written, a ``SessionLog.START`` event (written by
 ``SummaryWriter(purge_step=...)`` on resume) drops every earlier value at or
@@ -84,43 +84,68 @@ def _read_json(path: Path) -> dict | None:
 def _ordered_event_files(run_dir: Path) -> list[Path]:
     """Event files in the order they were written: by the wall time of their first event, then by name."""
     from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.proto.event_pb2 import Event
 
     def first_wall_time(path: Path) -> float:
-        for event in event_file_loader.EventFileLoader(str(path)).Load():
-            return event.wall_time
+        for record in event_file_loader.RawEventFileLoader(str(path)).Load():
+            return Event.FromString(record).wall_time
         return float("inf")  # an empty file sorts last and contributes nothing
 
     return sorted(event_files(run_dir), key=lambda path: (first_wall_time(path), path.name))
 
 
+def _scalar_value(value, plugin_of: dict[str, str]) -> float | None:
+    """The float of a scalar summary value, or None for other summaries (text, images, histograms).
+
+    Writers store scalars as ``simple_value`` (torch.utils.tensorboard, TF1) or as a rank-0
+    tensor with the ``scalars`` plugin (TF2), whose metadata only the first value of a tag carries.
+    """
+    from tensorboard.util import tensor_util
+
+    if value.HasField("metadata") and value.metadata.plugin_data.plugin_name:
+        plugin_of[value.tag] = value.metadata.plugin_data.plugin_name
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return float(value.simple_value)
+    if kind == "tensor" and plugin_of.get(value.tag) == "scalars":
+        return float(tensor_util.make_ndarray(value.tensor))
+    return None
+
+
 def read_scalars(run_dir: Path, wanted=None) -> tuple[dict[str, Series], tuple[str, ...], int]:
     """The scalars of ``run_dir`` whose tag passes ``wanted(tag)`` (all when None), every scalar tag seen,
-    and the last step of any scalar (after purges)."""
-    from tensorboard import data_compat
+    and the last step of any scalar (after purges).
+
+    Records are read with TensorBoard's ``RawEventFileLoader`` and decoded with its
+    ``Event`` protobuf class; values are taken as written (no per-value migration to
+    tensors, which would make reading a 10M-step run several times slower).
+    """
     from tensorboard.backend.event_processing import event_file_loader
-    from tensorboard.compat.proto.event_pb2 import SessionLog
-    from tensorboard.util import tensor_util
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     by_tag: dict[str, dict[int, float]] = {}
     seen: set[str] = set()
     last_step = 0
     for path in _ordered_event_files(run_dir):
-        for event in event_file_loader.EventFileLoader(str(path)).Load():
+        plugin_of: dict[str, str] = {}
+        for record in event_file_loader.RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(record)
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 # A resumed run: what the interrupted run logged from here on is superseded.
                 for values in by_tag.values():
                     for step in [s for s in values if s >= event.step]:
                         del values[step]
                 last_step = min(last_step, event.step)
+            if not event.HasField("summary"):
+                continue
             for value in event.summary.value:
-                value = data_compat.migrate_value(value)
-                if value.metadata.plugin_data.plugin_name != "scalars":
+                scalar = _scalar_value(value, plugin_of)
+                if scalar is None:
                     continue
                 seen.add(value.tag)
                 last_step = max(last_step, event.step)
-                if wanted is not None and not wanted(value.tag):
-                    continue
-                by_tag.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                if wanted is None or wanted(value.tag):
+                    by_tag.setdefault(value.tag, {})[event.step] = scalar
     scalars = {}
     for tag, values in by_tag.items():
         if not values:

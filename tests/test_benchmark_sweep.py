@@ -196,6 +196,32 @@ def test_run_state_of_run_folders(tmp_path):
     assert run_state(run) == "completed"
 
 
+def test_dry_run_shows_what_each_run_needs_and_takes_common_flags_verbatim(tmp_path, capsys):
+    argv = ["--agents", "dqn", "--env-ids", "ImageMDP/mnist", "--seeds", "1", "2", "3", "--common", "--layer-norm",
+            "--sweep-dir", str(tmp_path), "--dry-run"]
+    runs = tmp_path / "runs"
+    (runs / "ImageMDP_mnist__dqn__default__1").mkdir(parents=True)
+    (runs / "ImageMDP_mnist__dqn__default__1" / STATUS_FILE).write_text(json.dumps({"status": "completed"}))
+    (runs / "ImageMDP_mnist__dqn__default__2").mkdir()
+    (runs / "ImageMDP_mnist__dqn__default__2" / CHECKPOINT_FILE).write_bytes(b"x")
+    assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skip   ImageMDP_mnist__dqn__default__1" in out
+    assert "resume ImageMDP_mnist__dqn__default__2" in out and "--resume " + str(runs) in out
+    assert "fresh  ImageMDP_mnist__dqn__default__3" in out
+    assert out.count("--run-name ImageMDP_mnist__dqn__default__3 --layer-norm") == 1
+
+
+def test_rerun_with_changed_flags_into_the_same_folder_is_refused(tmp_path, capsys):
+    argv = ["--agents", "dqn", "--env-ids", "ImageMDP/mnist", "--sweep-dir", str(tmp_path)]
+    name = "ImageMDP_mnist__dqn__default__1"
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "manifest.json").write_text(json.dumps({"runs": [{"name": name, "flags": ["--l2", "1e-5"]}]}))
+    assert benchmark.main([*argv, "--common", "--l2 1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "started with other flags" in err and name in err and "new --sweep-dir" in err
+
+
 def test_one_sweep_per_folder(tmp_path, capsys):
     argv = ["--agents", "dqn", "--env-ids", "ImageMDP/mnist", "--sweep-dir", str(tmp_path)]
     with open(tmp_path / ".sweep.lock", "a+") as held:
@@ -371,9 +397,6 @@ def test_ctrl_c_resume_logs_every_step_once(interrupted_sweep):
     _check_resumed_run(interrupted_sweep, interrupted_sweep.stopped, stopped_at)
 
 
-@pytest.mark.xfail(strict=True, reason="agent bug (plasticity/experiment.py -> Tracker): on resume the "
-                   "SummaryWriter gets purge_step = checkpoint step, but the values of that step were flushed "
-                   "before the checkpoint was written, so TensorBoard drops them; purge_step must be step + 1")
 def test_resume_after_a_hard_kill_keeps_the_values_logged_at_the_checkpoint_step(interrupted_sweep):
     # Killed after its step-200 checkpoint, which the agent writes after flushing the step-200 logs:
     # a resume must keep those (TensorBoard purge_step = checkpoint step + 1), or they are lost.

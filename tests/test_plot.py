@@ -165,6 +165,27 @@ def test_reader_orders_files_by_write_time_not_name_and_last_write_wins(tmp_path
     assert scalars["a"].values.tolist() == [1.0, 9.0, 3.0]
 
 
+def test_reader_reads_tensor_scalars_whose_metadata_only_the_first_value_carries(tmp_path):
+    """TF2 writers store scalars as rank-0 tensors and write the plugin metadata once per tag."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.util import tensor_util
+
+    def value(tag, content, plugin=None):
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=plugin)) if plugin else None
+        return Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(content), metadata=metadata)
+
+    writer = EventFileWriter(str(tmp_path))
+    writer.add_event(Event(step=1, wall_time=1.0, summary=Summary(value=[value("loss", 0.5, "scalars"),
+                                                                         value("note", "hi", "text")])))
+    writer.add_event(Event(step=2, wall_time=2.0, summary=Summary(value=[value("loss", 0.25), value("note", "x")])))
+    writer.close()
+    scalars, tags, last_step = read_scalars(tmp_path)
+    assert tags == ("loss",) and last_step == 2
+    assert scalars["loss"].steps.tolist() == [1, 2] and scalars["loss"].values.tolist() == [0.5, 0.25]
+
+
 def test_find_run_dirs_and_its_errors(tmp_path):
     _write(tmp_path / "sweep" / "runs" / "r1", [("a", 1, 1.0)])
     _write(tmp_path / "sweep" / "runs" / "r2", [("a", 1, 1.0)])
@@ -226,6 +247,29 @@ def test_reference_table_and_normalisation():
     with pytest.raises(ValueError, match="per-game tags"):
         atari_scores.game_for("charts/episodic_return", {"env_id": "ALE/Pong-v5", "atari_shift": ["games"]})
     assert atari_scores.game_for("charts/episodic_return/Pong", {"env_id": "ALE/Breakout-v5"}) == "Pong"
+
+
+def test_human_normalized_table_aggregates_games_stratified(tmp_path):
+    """Runs of two games in one group: returns normalised per game, the mean is the mean of game means."""
+    raw = {("Breakout", 1): 30.5, ("Breakout", 2): 16.1, ("Breakout", 3): 1.7, ("Pong", 1): 14.6}
+    for (game, seed), score in raw.items():
+        run_dir = tmp_path / f"ALE_{game}-v5__dqn__base__{seed}"
+        _write(run_dir, [("charts/episodic_return", step, score) for step in (500, 1000)])
+        (run_dir / "config.json").write_text(json.dumps({
+            "env_id": f"ALE/{game}-v5", "agent": "dqn", "exp_name": "base", "seed": seed, "run_name": run_dir.name}))
+    csv_path = tmp_path / "t.csv"
+    assert plot.main([str(tmp_path), "--group-by", "variant", "--human-normalized", "--table",
+                      "--csv", str(csv_path)]) == 0
+    (row,) = csv.DictReader(open(csv_path))
+    breakout = [(30.5 - 1.7) / (30.5 - 1.7), (16.1 - 1.7) / (30.5 - 1.7), 0.0]
+    pong = (14.6 + 20.7) / (14.6 + 20.7)
+    assert float(row["value"]) == pytest.approx((np.mean(breakout) + pong) / 2, rel=1e-6)
+    # Stratified: Pong's single run is always drawn, Breakout's three are resampled among themselves.
+    assert float(row["ci_low"]) == pytest.approx((0.0 + pong) / 2, rel=1e-6)
+    assert float(row["ci_high"]) == pytest.approx((1.0 + pong) / 2, rel=1e-6)
+    assert row["human_normalized"] == "True" and row["runs"] == "4"
+    # Without normalisation, different games in one group are refused.
+    assert plot.main([str(tmp_path), "--group-by", "variant", "--table"]) == 2
 
 
 # ---- figures and tables of a real sweep ----
