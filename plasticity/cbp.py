@@ -84,7 +84,8 @@ class ContinualBackprop:
     Call ``step()`` right after ``optimizer.step()``; it reads the activations of
     the last forward pass run with gradients enabled (the training forward),
     recorded by an ``ActivationRecorder`` -- forwards under ``torch.no_grad()``
-    (acting, targets, probes) are ignored.
+    (acting, targets, probes) are ignored.  Build it once the model is on its
+    device (its statistics live there), like the optimiser.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, replacement_rate: float = 1e-4,
