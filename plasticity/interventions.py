@@ -12,8 +12,9 @@ Schedules: ``step`` is the agent's global step.  A method with period N fires
 whenever a multiple of N is reached since the previous ``after_step`` call, so
 periods work when updates happen only every ``train_frequency`` steps.
 - S&P: ``snp`` = α; ``snp_every`` = N > 0 applies it every N steps, 0 at task switches.
-- ReDo: ``redo_every`` = N > 0 turns it on (τ = ``redo_tau``; τ = 0 recycles exactly dead units);
-  needs ``sample_obs(batch_size)`` returning replay observations.
+- ReDo: ``redo_every`` = N > 0 turns it on (τ = ``redo_tau``; τ = 0 recycles exactly dead units; τ alone
+  does nothing, so a default τ = 0.1 in the flags is fine); needs ``sample_obs(batch_size)`` returning
+  replay observations the model accepts.
 - Head reset: ``reset_head_every`` = N > 0 every N steps, −1 at task switches, 0 off.
 Order inside ``after_step``: CBP first (its bias correction is exact for the
 network whose forward it recorded), then SWR (which then scales that network
@@ -86,8 +87,6 @@ class Interventions:
             raise ValueError("--snp-every needs --snp α > 0 (the shrink & perturb coefficient)")
         if not redo_tau >= 0:
             raise ValueError(f"--redo-tau must be >= 0 (0.1 recommended); got {redo_tau}")
-        if redo_tau > 0 and redo_every == 0:
-            raise ValueError("--redo-tau needs --redo-every N > 0 (ReDo runs on replay states every N steps)")
 
         self.model, self.optimizer, self.target_model = model, optimizer, target_model
         device = next(model.parameters()).device

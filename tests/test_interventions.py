@@ -108,6 +108,12 @@ class Args:
     reset_head_every: int = -1
 
 
+def test_redo_threshold_alone_leaves_redo_off():
+    """The agents' flags default to --redo-tau 0.1 with --redo-every 0: that is ReDo off, not an error."""
+    _, _, _, interventions = _setup(redo_tau=0.1, redo_every=0)
+    assert interventions.redo is None and not interventions.active
+
+
 def test_from_args_reads_fields_by_name_and_keeps_defaults_for_missing_ones():
     model = QNetwork()
     optimizer = torch.optim.Adam(model.parameters())
@@ -268,7 +274,7 @@ def test_every_reset_keeps_parameters_in_the_optimiser():
     (dict(cbp_replacement_rate=-1.0), "--cbp-replacement-rate"), (dict(cbp_maturity=-5), "--cbp-maturity"),
     (dict(cbp_decay=1.0), "--cbp-decay"), (dict(snp=2.0), "--snp "), (dict(snp_every=-1), "--snp-every"),
     (dict(snp_every=10), "--snp-every needs --snp"), (dict(redo_tau=-0.1), "--redo-tau"),
-    (dict(redo_tau=0.1), "--redo-tau needs --redo-every"), (dict(redo_every=-3), "--redo-every"),
+(dict(redo_every=-3), "--redo-every"),
     (dict(redo_batch_size=0), "--redo-batch-size"), (dict(reset_head_every=-2), "--reset-head-every")])
 def test_invalid_flags_give_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
