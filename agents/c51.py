@@ -60,7 +60,7 @@ def main(args: Args) -> None:
 
     atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
     q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
     target_network.load_state_dict(q_network.state_dict())
     interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)

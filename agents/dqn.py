@@ -72,7 +72,7 @@ def main(args: Args) -> None:
     support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device, sigma_ratio=args.hl_gauss_sigma)
                if categorical else None)
     q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # one kernel per step
     target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
     target_network.load_state_dict(q_network.state_dict())
     interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)

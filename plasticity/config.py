@@ -154,7 +154,7 @@ class CommonArgs:
     redo_every: int = 0
     """ReDo: reset dormant units every this many updates; 0 disables"""
     reset_head_every: int = 0
-    """re-initialise the output head (and its target copy) every this many updates; 0 disables"""
+    """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off"""
 
     # --- diagnostics (spec diagnostics.md) ---
     diag_every: int = 10_000
@@ -240,8 +240,8 @@ def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> N
     check(args.swr_head is None or args.swr > 0, "--swr-head needs --swr > 0")
     check(args.l2 >= 0 and args.l2_init >= 0, "--l2 and --l2-init must be >= 0")
     check(0.0 <= args.snp <= 1.0, f"--snp must be in [0, 1], got {args.snp}")
-    check(args.snp_every >= 0 and args.redo_every >= 0 and args.reset_head_every >= 0,
-          "--snp-every, --redo-every and --reset-head-every must be >= 0")
+    check(args.snp_every >= 0 and args.redo_every >= 0, "--snp-every and --redo-every must be >= 0")
+    check(args.reset_head_every >= -1, "--reset-head-every must be >= 0, or -1 for a reset at every task switch")
     check(args.redo_tau >= 0, "--redo-tau must be >= 0")
     check(0.0 < args.cbp_decay < 1.0, "--cbp-decay must be in (0, 1)")
     check(0.0 <= args.cbp_replacement_rate <= 1.0, "--cbp-replacement-rate must be in [0, 1]")
