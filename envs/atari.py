@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
 
 import ale_py
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from ale_py import roms
 from ale_py.vector_env import AtariVectorEnv
+from gymnasium.spaces import Discrete
 
 OBS_SHAPE = (4, 84, 84)
 FRAME_SKIP = 4
@@ -110,11 +112,216 @@ def env_seeds(seed: int, num_envs: int) -> np.ndarray:
     return (state & 0x7FFFFFFF).astype(np.int64)  # ALE takes non-negative int32 seeds
 
 
+@functools.cache
+def _modes_and_difficulties(game: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ale = _new_ale(0.0)
+    ale.loadROM(str(roms.get_rom_path(game)))
+    return tuple(int(m) for m in ale.getAvailableModes()), tuple(int(d) for d in ale.getAvailableDifficulties())
+
+
+def available_modes(game: str) -> tuple[int, ...]:
+    """The ALE game modes of a ROM (``game`` in any spelling ``atari_game`` accepts)."""
+    return _modes_and_difficulties(atari_game(game))[0]
+
+
+def available_difficulties(game: str) -> tuple[int, ...]:
+    """The ALE difficulties of a ROM (``game`` in any spelling ``atari_game`` accepts)."""
+    return _modes_and_difficulties(atari_game(game))[1]
+
+
+def check_mode_and_difficulty(game: str, mode: int | None, difficulty: int | None) -> None:
+    """One clear error, listing the valid values, for a mode or difficulty the ROM does not have."""
+    modes, difficulties = _modes_and_difficulties(atari_game(game))
+    if mode is not None and mode not in modes:
+        raise ValueError(f"{game} has no game mode {mode}; valid modes: {list(modes)}")
+    if difficulty is not None and difficulty not in difficulties:
+        raise ValueError(f"{game} has no difficulty {difficulty}; valid difficulties: {list(difficulties)}")
+
+
+def _new_ale(repeat_action_probability: float) -> ale_py.ALEInterface:
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    ale = ale_py.ALEInterface()
+    ale.setFloat("repeat_action_probability", repeat_action_probability)
+    return ale
+
+
+def _area_resize_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights for a non-integer downscale (``computeResizeAreaTab``).
+
+    Returns source indices and float32 weights, [dst, taps], padded with weight 0.
+    """
+    scale = src / dst
+    taps = []
+    for d in range(dst):
+        start, end = d * scale, d * scale + scale
+        cell = min(scale, src - start)
+        first, last = math.ceil(start), min(math.floor(end), src - 1)
+        first = min(first, last)
+        row = []
+        if first - start > 1e-3:
+            row.append((first - 1, (first - start) / cell))
+        row += [(i, 1.0 / cell) for i in range(first, last)]
+        if end - last > 1e-3:
+            row.append((last, min(min(end - last, 1.0), cell) / cell))
+        taps.append(row)
+    width = max(len(row) for row in taps)
+    index = np.zeros((dst, width), dtype=np.int64)
+    weight = np.zeros((dst, width), dtype=np.float32)
+    for d, row in enumerate(taps):
+        for k, (i, w) in enumerate(row):
+            index[d, k], weight[d, k] = i, np.float32(w)
+    return index, weight
+
+
+class _AreaResize:
+    """cv2.resize(..., INTER_AREA) from 210x160 to 84x84, bit-exact for uint8 grayscale frames.
+
+    Same taps, same float32 operation order as OpenCV's ``ResizeArea_Invoker``
+    (horizontal sums per source row, then weighted rows, then round half to
+    even), batched over frames; tested bit-exact against AtariVectorEnv.
+    """
+
+    def __init__(self, src_shape=(210, 160), dst_shape=(84, 84)):
+        self.rows, self.row_weights = _area_resize_taps(src_shape[0], dst_shape[0])
+        self.cols, self.col_weights = _area_resize_taps(src_shape[1], dst_shape[1])
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:  # [N, 210, 160] uint8 -> [N, 84, 84] uint8
+        pixels = frames.astype(np.float32)
+        across = pixels[:, :, self.cols[:, 0]] * self.col_weights[:, 0]
+        for k in range(1, self.cols.shape[1]):
+            across = across + pixels[:, :, self.cols[:, k]] * self.col_weights[:, k]
+        out = across[:, self.rows[:, 0], :] * self.row_weights[:, 0, None]
+        for k in range(1, self.rows.shape[1]):
+            out = out + across[:, self.rows[:, k], :] * self.row_weights[:, k, None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+class ALEInterfaceVectorEnv:
+    """AtariVectorEnv's preprocessing re-done over ``ale_py.ALEInterface``, for game modes and difficulties.
+
+    AtariVectorEnv (ale-py 0.12) takes no mode or difficulty; ``ALEInterface``
+    does (``setMode`` / ``setDifficulty``).  This class reproduces ale-py 0.12.1's
+    C++ ``PreprocessedEnv`` step for step -- FIRE then up to ``noop_max - 1``
+    no-ops at reset, frame skip 4 stopping at a game over or the frame cap,
+    max-pool of the last two frames kept in place, INTER_AREA resize, a stack of
+    4 padded with zeros, NEXT_STEP autoreset, truncation once ``max frames``
+    emulator frames were played -- so that a mode switch changes the game and
+    nothing else.  tests/test_nonstationary_atari.py checks it bit-exact against
+    AtariVectorEnv (observations, rewards, flags, lives) on several games.  Only
+    the no-op counts come from another RNG (numpy instead of std::mt19937), same
+    distribution.  Same numpy interface as AtariVectorEnv (reset/step/close,
+    ``single_action_space``); emulation runs in this thread, one env after the other.
+    """
+
+    def __init__(self, game: str, num_envs: int, *, mode: int | None = None, difficulty: int | None = None,
+                 max_num_frames_per_episode: int = 108_000, repeat_action_probability: float = 0.0,
+                 full_action_space: bool = False, noop_max: int = NOOP_MAX):
+        check_mode_and_difficulty(game, mode, difficulty)
+        self.game, self.num_envs, self.mode, self.difficulty = game, num_envs, mode, difficulty
+        self.max_frames, self.noop_max = max_num_frames_per_episode, noop_max
+        self._rom = str(roms.get_rom_path(game))
+        self._ales = [_new_ale(repeat_action_probability) for _ in range(num_envs)]
+        for ale in self._ales:
+            ale.setInt("random_seed", 0)  # replaced at the first seeded reset, as AtariVectorEnv does
+            self._load(ale)
+        actions = self._ales[0].getLegalActionSet() if full_action_space else self._ales[0].getMinimalActionSet()
+        self._action_set = list(actions)
+        self._fire_reset = ale_py.Action.FIRE in self._action_set
+        self.single_action_space = Discrete(len(self._action_set))
+        self._noop_rngs = [np.random.default_rng(e) for e in range(num_envs)]
+        self._raw = np.zeros((num_envs, 2, 210, 160), dtype=np.uint8)  # the last two frames of a step
+        self._stacks = np.zeros((num_envs, *OBS_SHAPE), dtype=np.uint8)
+        self._elapsed_frames = np.zeros(num_envs, dtype=np.int64)
+        self._episode_over = np.ones(num_envs, dtype=bool)
+        self._resize = _AreaResize()
+
+    def _load(self, ale: ale_py.ALEInterface) -> None:
+        ale.loadROM(self._rom)
+        if self.mode is not None:
+            ale.setMode(self.mode)
+        if self.difficulty is not None:
+            ale.setDifficulty(self.difficulty)
+
+    def _reset_env(self, e: int) -> None:
+        ale = self._ales[e]
+        ale.reset_game()
+        if self._fire_reset:
+            ale.act(ale_py.Action.FIRE)
+        noops = (int(self._noop_rngs[e].integers(self.noop_max)) if self.noop_max > 0 else 0) - self._fire_reset
+        for _ in range(noops):
+            ale.act(ale_py.Action.NOOP)
+            if ale.game_over():
+                ale.reset_game()
+        ale.getScreenGrayscale(self._raw[e, 0])
+        self._raw[e, 1] = 0
+        self._stacks[e] = 0
+        self._elapsed_frames[e] = 0
+
+    def _push_frames(self) -> None:
+        """Max-pool (in place, as the C++ does) and resize every env's frame, then push it on the stacks."""
+        np.maximum(self._raw[:, 0], self._raw[:, 1], out=self._raw[:, 0])
+        self._stacks[:, :-1] = self._stacks[:, 1:]
+        self._stacks[:, -1] = self._resize(self._raw[:, 0])
+
+    def _info(self) -> dict:
+        return {"env_id": np.arange(self.num_envs, dtype=np.int32),
+                "lives": np.array([ale.lives() for ale in self._ales], dtype=np.int32),
+                "frame_number": np.array([ale.getFrameNumber() for ale in self._ales], dtype=np.int32),
+                "episode_frame_number": np.array([ale.getEpisodeFrameNumber() for ale in self._ales], dtype=np.int32)}
+
+    def reset(self, *, seed: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        for e, ale in enumerate(self._ales):
+            if seed is not None:
+                ale.setInt("random_seed", int(seed[e]))
+                self._load(ale)
+                self._noop_rngs[e] = np.random.default_rng(int(seed[e]))
+            self._reset_env(e)
+        self._push_frames()
+        self._episode_over[:] = False
+        return self._stacks.copy(), self._info()
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        rewards = np.zeros(self.num_envs, dtype=np.int32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        for e, ale in enumerate(self._ales):
+            if self._episode_over[e]:  # NEXT_STEP autoreset: this step only resets
+                self._reset_env(e)
+                continue
+            action = self._action_set[int(actions[e])]
+            game_over = False
+            for skip in range(FRAME_SKIP, 0, -1):
+                rewards[e] += ale.act(action)
+                game_over = ale.game_over()
+                self._elapsed_frames[e] += 1
+                if game_over or self._elapsed_frames[e] >= self.max_frames:
+                    break
+                if skip <= 2:
+                    ale.getScreenGrayscale(self._raw[e, skip - 1])
+            terminated[e] = game_over
+            truncated[e] = self._elapsed_frames[e] >= self.max_frames and not game_over
+        self._push_frames()
+        self._episode_over = terminated | truncated
+        return self._stacks.copy(), rewards, terminated, truncated, self._info()
+
+    def ale_settings(self) -> list[tuple[int, int]]:
+        """(mode, difficulty) of each emulator, as ALE itself reports them (from its saved state)."""
+        states = [ale.cloneState() for ale in self._ales]
+        return [(int(state.getCurrentMode()), int(state.getDifficulty())) for state in states]
+
+    def close(self) -> None:
+        self._ales = []
+
+
 # ---------------------------------------------------------------------------
 # the torch-facing vector env
 # ---------------------------------------------------------------------------
 class AtariEnv:
     """Torch-facing wrapper over ``ale_py.vector_env.AtariVectorEnv`` (spec environments.md §2).
+
+    ``mode`` / ``difficulty`` select an ALE game mode / difficulty (None: the ROM's
+    default); AtariVectorEnv cannot, so those envs run on ``ALEInterfaceVectorEnv``,
+    which reproduces its preprocessing exactly but emulates in one thread.
 
     Protocol defaults follow Machado et al. 2018: sticky actions with probability
     0.25 (CleanRL's Atari scripts use 0: pass ``sticky_actions=0``), the minimal
@@ -133,7 +340,8 @@ class AtariEnv:
 
     def __init__(self, env_id: str, num_envs: int = 1, seed: int = 0, sticky_actions: float = 0.25,
                  full_action_space: bool = False, episodic_life: bool = False, max_episode_frames: int = 108_000,
-                 device: torch.device | str = "cpu", num_threads: int = 0, noop_max: int = NOOP_MAX):
+                 device: torch.device | str = "cpu", num_threads: int = 0, noop_max: int = NOOP_MAX,
+                 mode: int | None = None, difficulty: int | None = None):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
         if not 0.0 <= float(sticky_actions) <= 1.0:
@@ -144,6 +352,8 @@ class AtariEnv:
         if noop_max < 0:
             raise ValueError(f"noop_max must be >= 0, got {noop_max}")
         self.game = atari_game(env_id)
+        check_mode_and_difficulty(self.game, mode, difficulty)
+        self.mode, self.difficulty = mode, difficulty
         self.env_id = env_id
         self.num_envs = num_envs
         self.seed = int(seed)
@@ -161,6 +371,11 @@ class AtariEnv:
         self._has_reset = False
 
     def _make_vector_env(self, num_threads: int, noop_max: int):
+        if self.mode is not None or self.difficulty is not None:
+            return ALEInterfaceVectorEnv(
+                self.game, self.num_envs, mode=self.mode, difficulty=self.difficulty,
+                max_num_frames_per_episode=self.max_episode_frames, repeat_action_probability=self.sticky_actions,
+                full_action_space=self.full_action_space, noop_max=noop_max)
         return AtariVectorEnv(
             self.game, self.num_envs, num_threads=num_threads,
             max_num_frames_per_episode=self.max_episode_frames,
@@ -171,6 +386,11 @@ class AtariEnv:
         )
 
     # ------------------------------------------------------------------ API
+    @property
+    def vector_env(self) -> AtariVectorEnv | ALEInterfaceVectorEnv:
+        """The numpy-level vector env underneath (AtariVectorEnv, or ALEInterfaceVectorEnv for modes)."""
+        return self._vector_env
+
     @property
     def task_id(self) -> int:
         """Always 0: a stationary game (NonstationaryAtariEnv counts tasks)."""
@@ -230,22 +450,27 @@ class AtariEnv:
             # A lost life ends the learning episode; the game goes on (no reset step follows).
             terminated |= (lives < self._lives) & ~reset_step
         truncated = ale_truncated & ~terminated
-        self._episode_over = game_over
+        self._episode_over = game_over.copy()  # the returned tensors may share game_over's memory
         self._lives = np.asarray(lives, dtype=np.int32)
-        # Pack the per-env scalars: one small host-to-device copy instead of five.
-        packed = np.stack([reward, terminated, truncated, reset_step, game_over, lives]).astype(np.float32)
-        packed = torch.from_numpy(packed).to(self.device)
-        reward_t = packed[0]
-        info = {
-            "reset_step": packed[3].bool(), "game_over": packed[4].bool(), "lives": packed[5].int(),
-            "learn_reward": self.learning_reward(reward_t),
-        }
-        return self._to_device(obs), reward_t, packed[1].bool(), packed[2].bool(), info
+        if self.device.type == "cpu":  # zero-copy views of the host arrays
+            reward_t = torch.from_numpy(reward.astype(np.float32))
+            flags = [torch.from_numpy(flag) for flag in (terminated, truncated, reset_step, game_over)]
+            lives_t = torch.from_numpy(self._lives.copy())
+        else:  # one small host-to-device copy of all per-env scalars instead of six
+            packed = np.stack([reward, terminated, truncated, reset_step, game_over, lives]).astype(np.float32)
+            packed = torch.from_numpy(packed).to(self.device)
+            reward_t, flags, lives_t = packed[0], [row.bool() for row in packed[1:5]], packed[5].int()
+        terminated_t, truncated_t, reset_step_t, game_over_t = flags
+        info = {"reset_step": reset_step_t, "game_over": game_over_t, "lives": lives_t,
+                "learn_reward": self.learning_reward(reward_t)}
+        return self._to_device(obs), reward_t, terminated_t, truncated_t, info
 
     def _to_device(self, obs: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(obs).to(self.device)
 
     def __repr__(self) -> str:
-        return (f"AtariEnv({self.game!r}, num_envs={self.num_envs}, sticky_actions={self.sticky_actions}, "
+        mode = "" if self.mode is None and self.difficulty is None else \
+            f", mode={self.mode}, difficulty={self.difficulty}"
+        return (f"AtariEnv({self.game!r}{mode}, num_envs={self.num_envs}, sticky_actions={self.sticky_actions}, "
                 f"full_action_space={self.full_action_space}, episodic_life={self.episodic_life}, "
                 f"max_episode_frames={self.max_episode_frames}, device={self.device})")
