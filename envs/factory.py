@@ -136,11 +136,22 @@ class AgentEnv:
             state["env"] = self.env.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.episodes.load_state_dict(state["episodes"])
+    def load_state_dict(self, state: dict, resume_step: int = 0) -> torch.Tensor | None:
+        """Restore a checkpoint; returns a fresh observation when the env had to restart.
+
+        The image MDP resumes exactly (its whole state is tensors).  Atari emulator
+        states are not checkpointed: the games restart (seeded from the seed and the
+        resume step, so a resumed run does not replay its first episodes) and the
+        episodes that were in flight are dropped from the statistics.
+        """
         self._labels = state["labels"]
         if "env" in state:
             self.env.load_state_dict(state["env"])
+        if self.family == "image_mdp":
+            self.episodes.load_state_dict(state["episodes"])
+            return None
+        obs, _info = self.env.reset(seed=int(getattr(self.env, "seed", 0)) + resume_step)
+        return obs
 
     def close(self) -> None:
         if hasattr(self.env, "close"):

@@ -188,7 +188,8 @@ class Run:
                 raise ConfigError(str(error)) from None
             for name, obj in stateful.items():
                 obj.load_state_dict(state[name])
-            self.envs.load_state_dict(state["env"])
+            global_step = int(state["global_step"])
+            restarted_obs = self.envs.load_state_dict(state["env"], resume_step=global_step)
             if "buffer" in state:
                 self.buffer.load_state_dict(state["buffer"])
             else:
@@ -196,8 +197,7 @@ class Run:
             self.action_generator.set_state(state["action_generator"].cpu() if self.device.type == "cpu"
                                             else state["action_generator"])
             set_rng_state(state["rng"])
-            global_step = int(state["global_step"])
-            obs = state["obs"].to(self.device)
+            obs = state["obs"].to(self.device) if restarted_obs is None else restarted_obs
             self.tracker = self._make_tracker(global_step)
             self.tracker.load_state_dict(state["tracker"])
             self._good_step = global_step
