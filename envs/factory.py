@@ -126,7 +126,7 @@ class AgentEnv:
                         self.task_id, previous_task, "")
         real = ~info["reset_step"]
         returns, lengths = self.episodes.update(reward, info["game_over"], valid=real)
-        group = self.env.current_game if self.per_game_returns else ""
+        group = info.get("game", "") if self.per_game_returns else ""
         return Step(obs, obs, info["learn_reward"], terminated, truncated, real, returns, lengths, None,
                     self.task_id, previous_task, group)
 

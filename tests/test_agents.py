@@ -223,3 +223,39 @@ def test_resume_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"env_id": "ImageMDP/mnist"}))
     with pytest.raises(ConfigError, match="no checkpoint.pt"):
         dqn.main(dqn.Args(resume=str(tmp_path)))
+
+
+def test_two_game_sequence_writes_per_game_and_task_tags(tmp_path):
+    args = c51.Args(env_id="ALE/Breakout-v5", atari_shift=["games"], games=["Pong"], switch_every=150,
+                    total_timesteps=400, learning_starts=100, buffer_size=500, batch_size=8, diag_every=0,
+                    log_every=100, start_e=1.0, end_e=1.0, runs_dir=str(tmp_path), run_name="two_games", cuda=False,
+                    checkpoint_every=0)
+    scalars = read_scalars(run_agent(args))
+    # Episodes in flight end (truncated) at each switch: both games get returns under their own tag.
+    assert {"charts/episodic_return/breakout", "charts/episodic_return/pong"} <= set(scalars)
+    task_ids = {value for _, value in scalars["charts/task_id"]}
+    assert task_ids == {0.0, 1.0, 2.0}
+    assert "charts/task_return" in scalars
+    # Pong scores are in [-21, 21] per game; Breakout's are >= 0.
+    assert all(value >= 0 for _, value in scalars["charts/episodic_return/breakout"])
+
+
+def test_atari_run_resumes_with_fresh_episodes(tmp_path, monkeypatch):
+    original = experiment.Run.end_iteration
+
+    def interrupt_at_200(self, global_step, obs):
+        if global_step == 200 and not self.args.resume:
+            self.request_stop()
+        return original(self, global_step, obs)
+
+    monkeypatch.setattr(experiment.Run, "end_iteration", interrupt_at_200)
+    args = dqn.Args(env_id="ALE/Breakout-v5", total_timesteps=300, learning_starts=100, buffer_size=500, batch_size=8,
+                    diag_every=0, log_every=50, runs_dir=str(tmp_path), run_name="atari", cuda=False,
+                    checkpoint_every=0)
+    run_dir = run_agent(args)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    dqn.main(dqn.Args(resume=str(run_dir)))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["global_step"] == 300
+    steps = [step for step, _ in read_scalars(run_dir)["losses/td_loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 300 and 250 in steps
