@@ -129,3 +129,33 @@ def final_window_mean(steps: np.ndarray, values: np.ndarray, last_step: int, fin
 def change_steps(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Steps at which a piecewise-constant series (e.g. charts/task_id) takes a new value."""
     return steps[1:][np.diff(values) != 0]
+
+
+def task_slopes(task_values: np.ndarray) -> np.ndarray:
+    """Least-squares slope of per-task values against the task index 0..n-1, along the last axis.
+
+    ``task_values`` is (..., tasks), e.g. one row per run of its ``charts/task_final_accuracy``
+    in task order; the result has the leading shape (a float for one run).  The slope is
+    Σ (k − k̄)(y_k − ȳ) / Σ (k − k̄)², the OLS fit of y = a + b·k (what ``np.polyfit(k, y, 1)[0]`` gives).
+    """
+    values = np.asarray(task_values, dtype=np.float64)
+    if values.ndim == 0 or values.shape[-1] < 2:
+        raise ValueError(f"a per-task trend needs at least 2 tasks, got shape {values.shape}; run more tasks "
+                         "(--total-timesteps of several --shift-every periods)")
+    index = np.arange(values.shape[-1], dtype=np.float64)
+    centred = index - index.mean()
+    return (values - values.mean(axis=-1, keepdims=True)) @ centred / (centred @ centred)
+
+
+def mean_slope_ci(runs_task_values: list[np.ndarray], reps: int = 10_000, confidence: float = 0.95,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(mean over runs of each run's per-task slope, CI low, CI high): percentile bootstrap over runs (seeds).
+
+    Each run's slope is ``task_slopes`` of its own tasks (runs may have completed different
+    numbers of tasks); the interval resamples the runs with replacement (one stratum).
+    """
+    if not runs_task_values:
+        raise ValueError("mean_slope_ci needs at least one run's per-task values")
+    slopes = np.array([float(task_slopes(values)) for values in runs_task_values])
+    point, lower, upper = stratified_bootstrap_ci([slopes[:, None]], "mean", reps, confidence, seed)
+    return float(point[0]), float(lower[0]), float(upper[0])

@@ -1,0 +1,161 @@
+"""scripts/reproduce.py and its helpers in scripts/stats.py: the per-task trend against its definition,
+the expectation verdicts, bad input, and a smoke run of every study whose summary is checked against
+the event files read independently with TensorBoard's EventAccumulator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from scripts import reproduce, stats
+from scripts.tbreader import RunData, Series
+
+# ---- stats: the per-task trend ----
+
+
+def test_task_slopes_is_the_least_squares_slope():
+    assert stats.task_slopes(3.0 + 0.5 * np.arange(6)) == pytest.approx(0.5, abs=1e-12)
+    assert stats.task_slopes(np.full(5, 0.7)) == 0.0
+    assert stats.task_slopes([1.0, 0.0]) == -1.0  # two tasks: the difference
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(4, 9))
+    expected = [np.polyfit(np.arange(9), row, 1)[0] for row in rows]
+    np.testing.assert_allclose(stats.task_slopes(rows), expected, rtol=1e-10)  # one slope per row
+    # Invariant to adding a constant, linear in the values.
+    np.testing.assert_allclose(stats.task_slopes(2 * rows + 5), 2 * stats.task_slopes(rows), rtol=1e-10)
+    for bad in ([0.5], [], 3.0):
+        with pytest.raises(ValueError, match="at least 2 tasks"):
+            stats.task_slopes(bad)
+
+
+def test_mean_slope_ci_bootstraps_the_runs_slopes():
+    # Three runs with slopes 0, 1, 2 (different task counts are fine): the mean is 1, and every
+    # extreme replicate (all three draws the same run) has probability 1/27 > 2.5%: the CI is [0, 2].
+    runs = [np.zeros(4), np.arange(3.0), 2.0 * np.arange(5)]
+    assert stats.mean_slope_ci(runs, reps=4000, seed=1) == (1.0, 0.0, 2.0)
+    point, low, high = stats.mean_slope_ci([np.arange(4.0), np.arange(4.0) + 3], reps=500)
+    assert point == low == high == 1.0  # identical slopes: no sampling variability
+    with pytest.raises(ValueError, match="at least one run"):
+        stats.mean_slope_ci([])
+
+
+# ---- the summary's metrics and verdicts ----
+
+
+def fake_run(tags: dict[str, tuple[list[int], list[float]]], last_step: int) -> RunData:
+    scalars = {tag: Series(np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64))
+               for tag, (steps, values) in tags.items()}
+    return RunData(path=Path("run"), config={}, status=None, scalars=scalars, tags=tuple(scalars), last_step=last_step)
+
+
+def test_run_metrics_follow_their_definitions():
+    run = fake_run({reproduce.TASK_ACCURACY: ([100, 200, 300, 400], [1.0, 0.2, 0.4, 0.6]),
+                    reproduce.ACCURACY: ([50, 100, 400], [0.1, 0.2, 0.6]),
+                    "plasticity/weight_norm": ([100, 200, 300, 400], [1.0, 2.0, 3.0, 5.0])}, last_step=400)
+    assert reproduce.run_metric(run, "slope", 1, 0.1) == pytest.approx(0.2)  # tasks 1..3: 0.2, 0.4, 0.6
+    assert reproduce.run_metric(run, "slope", 0, 0.1) == pytest.approx(np.polyfit(range(4), [1, .2, .4, .6], 1)[0])
+    assert reproduce.run_metric(run, "mean_task_accuracy", 1, 0.1) == pytest.approx(0.4)
+    assert reproduce.run_metric(run, "last_task_accuracy", 1, 0.1) == 0.6
+    assert reproduce.run_metric(run, "accuracy_auc", 1, 0.1) == pytest.approx(0.3)  # all of charts/accuracy
+    assert reproduce.run_metric(run, "plasticity/weight_norm", 1, 0.25) == 4.0  # steps >= 0.75 * 400: 3, 5
+    # growth: final window (steps >= 300 with frac 0.25) mean 4.0 over the window ending at mid-run
+    # (steps in [100, 200]) mean 1.5, minus 1.
+    assert reproduce.run_metric(run, "growth:plasticity/weight_norm", 1, 0.25) == pytest.approx(4.0 / 1.5 - 1)
+    no_switch = fake_run({reproduce.ACCURACY: ([100], [0.5])}, last_step=100)
+    with pytest.raises(ValueError, match="no charts/task_final_accuracy"):
+        reproduce.run_metric(no_switch, "slope", 0, 0.1)
+
+
+def test_expectation_verdicts():
+    arms = {"a": {"metrics": {"m": [2.0, 1.5, 2.5]}}, "b": {"metrics": {"m": [1.0, 0.5, 1.2]}},
+            "c": {"metrics": {"m": [1.8, 0.0, 3.0]}}, "n": {"metrics": {"m": [float("nan")] * 3}}}
+    verdict = reproduce.evaluate(reproduce.Expectation("x", "m", "a", "b"), arms)
+    assert (verdict["holds"], verdict["separated"]) == (True, True)
+    verdict = reproduce.evaluate(reproduce.Expectation("x", "m", "b", "a"), arms)
+    assert (verdict["holds"], verdict["separated"]) == (False, True)  # the opposite, significantly
+    verdict = reproduce.evaluate(reproduce.Expectation("x", "m", "c", "a"), arms)
+    assert (verdict["holds"], verdict["separated"]) == (False, False)
+    # "not worse": holds unless the whole interval lies below the other arm's point estimate.
+    assert reproduce.evaluate(reproduce.Expectation("x", "m", "c", "a", "not_less"), arms)["holds"] is True
+    assert reproduce.evaluate(reproduce.Expectation("x", "m", "b", "a", "not_less"), arms)["holds"] is False
+    assert reproduce.evaluate(reproduce.Expectation("x", "m", "n", "a"), arms)["holds"] is None
+
+
+def test_every_study_is_declared_consistently():
+    for study in reproduce.STUDIES.values():
+        assert len(study.arms) >= 2 and study.expectations
+        for expectation in study.expectations:
+            assert {expectation.higher, expectation.lower} <= set(study.arms), expectation
+        for size in (study.size, reproduce.SMOKE_SIZE):
+            flags = study.common_flags(size)
+            steps = int(flags.split("--total-timesteps ")[1].split()[0])
+            shift_every = int(flags.split("--shift-every ")[1].split()[0])
+            assert steps == size.num_tasks * shift_every * reproduce.NUM_ENVS  # whole tasks, in env steps
+            assert size.num_tasks - study.first_task >= 3  # a trend over at least 3 tasks
+
+
+# ---- the command line ----
+
+
+def test_bad_input_gives_one_clear_error(tmp_path, capsys):
+    assert reproduce.main(["no-such-study"]) == 2
+    assert "unknown study 'no-such-study'; one of: label-shuffle, target-mean, cbp, swr" in capsys.readouterr().err
+    assert reproduce.main(["cbp", "--smoke", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert reproduce.main(["cbp", "--analyze-only", "--sweep-dir", str(tmp_path)]) == 2
+    assert "no runs in" in capsys.readouterr().err
+    assert reproduce.main(["cbp", "--num-seeds", "0"]) == 2
+    assert "--num-seeds must be at least 1" in capsys.readouterr().err
+
+
+# ---- a smoke run of every study, checked against the event files ----
+
+
+def accumulate(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: (np.array([e.step for e in accumulator.Scalars(tag)]),
+                  np.array([e.value for e in accumulator.Scalars(tag)], dtype=np.float64))
+            for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("name", list(reproduce.STUDIES))
+def test_smoke_study_writes_figures_and_a_summary_from_the_event_files(name, tmp_path, mnist_dir):
+    study = reproduce.STUDIES[name]
+    sweep_dir, out_dir = tmp_path / "sweep", tmp_path / "out"
+    code = reproduce.main([name, "--smoke", "--workers", "2", "--data-dir", str(mnist_dir), "--sweep-dir",
+                           str(sweep_dir), "--out-dir", str(out_dir), "--reps", "2000", "--curve-reps", "100"])
+    assert code == 0, f"see the logs in {sweep_dir / 'logs'}"
+    assert (sweep_dir / "manifest.json").exists()  # it ran through scripts/benchmark.py
+    for figure in ("accuracy.png", "diagnostics.png"):
+        data = (out_dir / figure).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) < 300_000
+    summary = json.loads((out_dir / "summary.json").read_text())
+    page = (out_dir / "summary.md").read_text()
+    assert list(summary["arms"]) == list(study.arms)
+    assert "![accuracy](accuracy.png)" in page and "![diagnostics](diagnostics.png)" in page
+    for arm in study.arms:
+        assert f"| {arm} |" in page
+        assert summary["arms"][arm]["runs"] == 2 and summary["arms"][arm]["tasks"] == [4]
+    assert summary["settings"]["timing"]["runs_executed"] == 2 * len(study.arms)
+    assert len(summary["expectations"]) >= len(study.expectations)
+
+    # Recompute two numbers of one arm independently: the slope (np.polyfit) and a diagnostic's final window.
+    arm = list(study.arms)[-1]
+    tag = "plasticity/dead_frac"
+    slopes, finals = [], []
+    for seed in (1, 2):
+        scalars = accumulate(sweep_dir / "runs" / f"ImageMDP_mnist__dqn__{arm}__{seed}")
+        task_accuracy = scalars[reproduce.TASK_ACCURACY][1][study.first_task:]
+        slopes.append(np.polyfit(np.arange(len(task_accuracy)), task_accuracy, 1)[0])
+        last_step = max(steps.max() for steps, _ in scalars.values())
+        steps, values = scalars[tag]
+        finals.append(values[steps >= 0.9 * last_step].mean())
+    metrics = summary["arms"][arm]["metrics"]
+    assert metrics["slope"][0] == pytest.approx(np.mean(slopes), abs=1e-9)
+    assert min(slopes) - 1e-9 <= metrics["slope"][1] <= metrics["slope"][2] <= max(slopes) + 1e-9
+    assert metrics[tag][0] == pytest.approx(np.mean(finals), abs=1e-9)
