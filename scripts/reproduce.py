@@ -361,7 +361,10 @@ def arm_metrics(group: Group, metrics: list[str], study: Study, final_frac: floa
     for metric in metrics:
         tag = metric.removeprefix("growth:")
         runs = [run for run in group.runs if metric in ACCURACY_METRICS or tag in run.scalars]
-        if runs:
+        if metric == "slope":
+            task_values = [_task_values(run, study.first_task) for run in runs]
+            result[metric] = list(stats.mean_slope_ci(task_values, reps, confidence, seed))
+        elif runs:
             values = np.array([run_metric(run, metric, study.first_task, final_frac) for run in runs])
             result[metric] = _interval(values, reps, confidence, seed)
     return result
