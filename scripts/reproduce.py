@@ -241,10 +241,10 @@ SWR = Study(
     shift="random_labels",
     arms={"baseline": "", "swr": "--swr 1e-3"},
     flags="--gamma 0",
-    size=Size(num_tasks=20, task_steps=15_000, num_images=1000, learning_starts=1000, log_every=1000),
+    size=Size(num_tasks=16, task_steps=15_000, num_images=1000, learning_starts=1000, log_every=1000),
     reasons=(
         "The label-shuffle MDP (`random_labels`, 1000 images, 15k env steps per task, γ = 0), whose "
-        "weights keep growing (the pilot's total norm went 18 -> 35 in three tasks), run longer: 20 tasks.",
+        "weights keep growing (the pilot's total norm went 18 -> 35 in three tasks), run longer: 16 tasks (240k env steps).",
         "`--swr 1e-3` (the spec's example value): each update pulls every layer's norm 0.1% of the way "
         "back to its initial norm, a time constant of ~1000 updates, shorter than a task (3.75k updates), "
         "so a plateau can show within the run.",
