@@ -103,32 +103,22 @@ def main(args: Args) -> None:
         obs = step.obs
 
         # ALGO LOGIC: training
-        updates_before = experiment.updates_done(before, args.train_frequency, args.learning_starts)
-        for update in range(updates_before + 1, experiment.updates_done(global_step, args.train_frequency,
-                                                                          args.learning_starts) + 1):
+        for update in run.updates(before, global_step):
             batch = rb.sample(args.batch_size)
             loss, q_taken = td_loss(batch)
-            run.watch_loss(loss)
-            run.tracker.mean("losses/td_loss", loss)
-            run.tracker.mean("losses/q_values", q_taken.mean())
+            run.log_update(loss, q_taken)
             optimizer.zero_grad()
             (loss + interventions.penalty()).backward()
             diagnostics.record_grad_norm()
             optimizer.step()
             interventions.after_step(update, sample_obs=rb.sample_obs)
-        if global_step > args.learning_starts:
-            if experiment.crossed(before, global_step, args.target_network_frequency):
-                target_network.load_state_dict(q_network.state_dict())
-            run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
-                         clip_range=(args.v_min, args.v_max))
+        if global_step > args.learning_starts and experiment.crossed(before, global_step, args.target_network_frequency):
+            target_network.load_state_dict(q_network.state_dict())
         if step.task_id != step.previous_task_id:
             interventions.on_task_switch()
-        if experiment.crossed(before, global_step, args.log_every):
-            run.tracker.scalar("charts/epsilon", epsilon, global_step)
-            run.tracker.scalar("charts/task_id", step.task_id, global_step)
-            for tag, value in interventions.scalars().items():
-                run.tracker.scalar(tag, value, global_step)
-        if not run.end_iteration(global_step, obs):
+        run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
+                     clip_range=(args.v_min, args.v_max))
+        if not run.end_iteration(global_step, obs, epsilon, step, interventions):
             return
     run.finish(global_step, obs)
 

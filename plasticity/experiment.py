@@ -250,10 +250,31 @@ class Run:
         if step.task_id != step.previous_task_id:
             tracker.task_switch(global_step, step.previous_task_id, step.task_id)
 
-    def end_iteration(self, global_step: int, obs: torch.Tensor) -> bool:
-        """Flush logs, check the loss, checkpoint on cadence or on request. Returns False to stop the loop."""
+    def updates(self, before: int, global_step: int) -> range:
+        """Indices (1-based) of the gradient updates due for the env steps (before, global_step]."""
+        args = self.args
+        return range(updates_done(before, args.train_frequency, args.learning_starts) + 1,
+                     updates_done(global_step, args.train_frequency, args.learning_starts) + 1)
+
+    def log_update(self, loss: torch.Tensor, q_taken: torch.Tensor) -> None:
+        """losses/td_loss and losses/q_values over the window, and the NaN watch (no host sync)."""
+        self.watch_loss(loss)
+        self.tracker.mean("losses/td_loss", loss)
+        self.tracker.mean("losses/q_values", q_taken.mean())
+
+    def end_iteration(self, global_step: int, obs: torch.Tensor, epsilon: float | None = None, step=None,
+                      interventions=None) -> bool:
+        """Periodic charts, log flush, NaN check, checkpoint on cadence or on request. False: stop the loop."""
         args = self.args
         before = global_step - args.num_envs
+        if crossed(before, global_step, args.log_every):
+            if epsilon is not None:
+                self.tracker.scalar("charts/epsilon", epsilon, global_step)
+            if step is not None:
+                self.tracker.scalar("charts/task_id", step.task_id, global_step)
+            if interventions is not None:
+                for tag, value in interventions.scalars().items():
+                    self.tracker.scalar(tag, value, global_step)
         # A periodic checkpoint first writes every queued scalar, so a crash after it can only have
         # written steps beyond the checkpoint -- exactly what the resumed run purges and writes again.
         periodic = crossed(before, global_step, args.checkpoint_every)
@@ -317,7 +338,7 @@ class Run:
         args = self.args
         due = {name: crossed(before, global_step, getattr(args, f"{name}_every"))
                for name in ("diag", "entk", "hessian", "probe")}
-        if not any(due.values()) or len(self.buffer) < 2:
+        if global_step <= args.learning_starts or not any(due.values()) or len(self.buffer) < 2:
             return
         batch = self.buffer.sample(min(args.diag_batch, len(self.buffer)))
         scalars: dict[str, float] = {}

@@ -21,6 +21,15 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks: torch threads only add overhead on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

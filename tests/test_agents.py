@@ -107,6 +107,18 @@ def test_atari_run_with_every_toggle_writes_all_tags(agent, tmp_path):
     assert any(tag.startswith("plasticity/dead_frac/torso.") for tag in scalars)
 
 
+def interrupt_at(step: int, monkeypatch) -> None:
+    """Stop the first (not resumed) run at ``step`` exactly as Ctrl-C does: honoured at the end of the iteration."""
+    original = experiment.Run.end_iteration
+
+    def end_iteration(self, global_step, obs, *rest):
+        if global_step == step and not self.args.resume:
+            self.request_stop()
+        return original(self, global_step, obs, *rest)
+
+    monkeypatch.setattr(experiment.Run, "end_iteration", end_iteration)
+
+
 def comparable(scalars: dict) -> dict:
     """Everything but wall-clock rates."""
     return {tag: series for tag, series in scalars.items() if tag != "charts/SPS"}
@@ -125,15 +137,7 @@ def test_resume_equals_uninterrupted(agent, tmp_path, mnist_dir, monkeypatch):
     toggles = dict(cbp=True, swr=0.01, l2_init=1e-4, layer_norm=True, checkpoint_every=100)
     uninterrupted = read_scalars(run_agent(mdp_args(agent, tmp_path / "full", mnist_dir, **toggles)))
 
-    # Interrupt at step 250 exactly as Ctrl-C does: a stop request honoured at the end of the iteration.
-    original = experiment.Run.end_iteration
-
-    def interrupt_at_250(self, global_step, obs):
-        if global_step == 250 and not self.args.resume:
-            self.request_stop()
-        return original(self, global_step, obs)
-
-    monkeypatch.setattr(experiment.Run, "end_iteration", interrupt_at_250)
+    interrupt_at(250, monkeypatch)
     run_dir = run_agent(mdp_args(agent, tmp_path / "cut", mnist_dir, **toggles))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and status["global_step"] == 250
@@ -149,8 +153,8 @@ def test_resume_after_crash_drops_the_steps_after_the_checkpoint(tmp_path, mnist
     reference = read_scalars(run_agent(mdp_args("dqn", tmp_path / "ref", mnist_dir, checkpoint_every=200)))
     original = experiment.Run.end_iteration
 
-    def crash_at_300(self, global_step, obs):
-        keep_going = original(self, global_step, obs)
+    def crash_at_300(self, global_step, obs, *rest):
+        keep_going = original(self, global_step, obs, *rest)
         if global_step == 300 and not self.args.resume:
             self.tracker.writer.flush()
             raise RuntimeError("simulated crash")
@@ -241,14 +245,7 @@ def test_two_game_sequence_writes_per_game_and_task_tags(tmp_path):
 
 
 def test_atari_run_resumes_with_fresh_episodes(tmp_path, monkeypatch):
-    original = experiment.Run.end_iteration
-
-    def interrupt_at_200(self, global_step, obs):
-        if global_step == 200 and not self.args.resume:
-            self.request_stop()
-        return original(self, global_step, obs)
-
-    monkeypatch.setattr(experiment.Run, "end_iteration", interrupt_at_200)
+    interrupt_at(200, monkeypatch)
     args = dqn.Args(env_id="ALE/Breakout-v5", total_timesteps=300, learning_starts=100, buffer_size=500, batch_size=8,
                     diag_every=0, log_every=50, runs_dir=str(tmp_path), run_name="atari", cuda=False,
                     checkpoint_every=0)

@@ -10,13 +10,7 @@ from torch import nn
 from plasticity.interventions import Interventions, generator_seed, interventions_from_args
 from plasticity.networks import build_torso
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class QNetwork(nn.Module):

@@ -10,13 +10,7 @@ from torch import nn
 from plasticity.networks import layer_map, mlp, reinit_
 from plasticity.resets import ReDo, dormant_scores, reset_head_, shrink_and_perturb_
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(layer_norm=False, seed=0, widths=(16, 12)):

@@ -11,12 +11,7 @@ from plasticity.swr import SoftWeightRescaling
 SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(layer_norm=False, seed=0):
