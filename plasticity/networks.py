@@ -1,7 +1,7 @@
 """Torsos shared by both agents, and the layer map every method and diagnostic uses.
 
 Every torso is an ``nn.Sequential`` whose hidden blocks are
-``Linear/Conv2d -> [LayerNorm] -> ReLU`` (spec methods.md §1: LN on the
+``Linear/Conv2d -> LayerNorm (or Identity) -> ReLU`` (spec methods.md §1: LN on the
 pre-activation, never on the output layer, conv LN over (C, H, W)).  Layers are
 addressable by their module name, e.g. ``torso.0`` when the torso is stored as
 ``self.torso`` in a Q-network.
@@ -45,11 +45,10 @@ class Torso(nn.Sequential):
 
 
 def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None) -> list[nn.Module]:
-    modules = [layer]
-    if norm_shape is not None:
-        modules.append(nn.LayerNorm(norm_shape))
-    modules.append(nn.ReLU())
-    return modules
+    # Without LN an Identity holds the norm's slot, so a layer has the same module name
+    # (``torso.3``) with and without --layer-norm and per-layer curves line up across variants.
+    norm = nn.LayerNorm(norm_shape) if norm_shape is not None else nn.Identity()
+    return [layer, norm, nn.ReLU()]
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:

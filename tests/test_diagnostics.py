@@ -149,10 +149,10 @@ def test_measure_returns_every_tag_of_the_spec():
     diagnostics.record_grad_norm()
     result = diagnostics.measure(obs, td_targets=torch.randn(64), clip_range=(-1.0, 1.0))
     per_layer = {f"{metric}/{layer}" for metric in ("dead_frac", "linearized_frac", "dormant_frac",
-                                                    "preact_mean_abs", "preact_std") for layer in ("torso.1", "torso.3")}
+                                                    "preact_mean_abs", "preact_std") for layer in ("torso.1", "torso.4")}
     expected = per_layer | {
         "effective_rank", "srank", "stable_rank", "dead_frac", "linearized_frac", "dormant_frac",
-        "preact_mean_abs", "preact_std", "weight_norm", "weight_norm/torso.1", "weight_norm/torso.3",
+        "preact_mean_abs", "preact_std", "weight_norm", "weight_norm/torso.1", "weight_norm/torso.4",
         "weight_norm/head", "weight_magnitude", "dist_from_init", "feature_norm", "grad_norm", "target_mean",
         "target_std", "target_offset_ratio", "feature_sv_max", "feature_cond", "feature_mean_dominance",
         "feature_mean_alignment", "q_mean", "q_std", "target_clip_frac",
@@ -210,14 +210,14 @@ def test_overall_unit_fractions_are_total_flagged_over_total_units():
     """Pitfall 6: layers of 2 and 8 units; one dead unit is 1/10 overall, not the mean of 1/2 and 0/8."""
     model = mlp_network(hidden_sizes=(2, 8))
     with torch.no_grad():
-        first, second = model.torso[1], model.torso[3]
+        first, second = model.torso[1], model.torso[4]
         first.weight.zero_()
         first.bias.copy_(torch.tensor([-1.0, 1.0]))   # unit 0 dead, unit 1 linearized
         second.weight.zero_()
         second.bias.fill_(1.0)                        # all 8 linearized, equally active
     result = Diagnostics(model).measure(probe_obs())
     assert result[tag("dead_frac/torso.1")] == 0.5
-    assert result[tag("dead_frac/torso.3")] == 0.0
+    assert result[tag("dead_frac/torso.4")] == 0.0
     assert result[tag("dead_frac")] == pytest.approx(0.1)
     assert result[tag("dormant_frac")] == pytest.approx(0.1)
     assert result[tag("linearized_frac/torso.1")] == 0.5
@@ -364,7 +364,7 @@ def test_measure_falls_back_when_the_svd_silently_returns_nan(monkeypatch):
 def test_diverged_network_logs_nan_instead_of_raising():
     model = mlp_network()
     with torch.no_grad():
-        model.torso[3].weight[0, 0] = float("nan")
+        model.torso[4].weight[0, 0] = float("nan")
     result = Diagnostics(model).measure(probe_obs())
     for name in SPECTRAL_TAGS:
         assert math.isnan(result[tag(name)]), name

@@ -172,10 +172,10 @@ def test_redo_reset_reinitialises_dormant_units_and_zeroes_their_moments():
     count = redo.reset(probe)
     assert model.training  # probe ran in eval mode, train mode restored
     dormant = torch.tensor([0, 3, 5])
-    first, second = model[1], model[3]
+    first, second = model[1], model[4]
     assert count.shape == () and count.item() == sum(int(m.sum()) for m in masks.values())
     # Rows of `second` that are dormant units themselves got fresh incoming weights after the columns were zeroed.
-    second_kept = ~masks["3"]
+    second_kept = ~masks["4"]
     alive = torch.ones(16, dtype=torch.bool)
     alive[dormant] = False
     assert not torch.equal(first.weight[dormant], before[first.weight][dormant])
