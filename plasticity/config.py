@@ -30,7 +30,7 @@ class CommonArgs:
     seed: int = 1
     """seed of the experiment (python, numpy, torch and the environment)"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms where available"""
+    """if toggled, `torch.backends.cudnn.deterministic=True` (as CleanRL; CPU runs are deterministic regardless)"""
     cuda: bool = torch.cuda.is_available()
     """train on CUDA (default: on when a CUDA device is present); --cuda without one is an error"""
     runs_dir: str = "runs"
@@ -63,7 +63,7 @@ class CommonArgs:
     shift_frac: float = 0.1
     """image-MDP label_noise: fraction of images relabelled at each switch"""
     reward_offset: float = 0.0
-    """reward added per task: r + offset*task_id (image MDP shift reward_offset; Atari shift reward_offset)"""
+    """reward offset per task: r + offset*task_id (image-MDP --shift reward_offset; Atari --atari-shift reward_offset)"""
     data_dir: str = ""
     """dataset folder (default: $PLASTICITY_DATA, else ~/.cache/plasticity/<dataset>, downloaded once)"""
     num_images: int = 0
@@ -88,7 +88,7 @@ class CommonArgs:
     difficulties: list[int] = field(default_factory=list)
     """nonstationary Atari: ALE difficulties cycled by the difficulties shift"""
     reward_scale: float = 1.0
-    """nonstationary Atari reward_scale shift: learning reward r*scale + offset, after clipping"""
+    """nonstationary Atari reward_scale shift: in task k the learning reward is sign(r)*scale**k (+ k*offset)"""
 
     # --- algorithm (shared defaults; each agent overrides what differs) ---
     buffer_size: int | None = None
