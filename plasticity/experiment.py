@@ -94,9 +94,15 @@ def epsilon_greedy(q_values: torch.Tensor, epsilon: float, generator: torch.Gene
     return torch.where(explore, random_actions, q_values.argmax(dim=1))
 
 
-def _load_resumed_args(args):
+def _load_resumed_args(args, agent: str):
     run_dir = Path(args.resume)
-    config = read_json(run_dir / CONFIG_FILE)
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"--resume {run_dir}: {error}") from None
+    if config.get("agent", agent) != agent:
+        raise ConfigError(f"--resume {run_dir}: that run was made by agents/{config['agent']}.py; "
+                          f"resume it with that agent")
     known = {f.name for f in dataclasses.fields(type(args))}
     resumed = type(args)(**{k: v for k, v in config.items() if k in known})
     resumed.resume = str(run_dir)
@@ -116,7 +122,7 @@ class Run:
         self.tracker: Tracker | None = None
         resumed_config = None
         if args.resume:
-            args, resumed_config = _load_resumed_args(args)
+            args, resumed_config = _load_resumed_args(args, agent)
             print(f"resuming {args.resume} with its saved {CONFIG_FILE} (other flags are ignored)", file=sys.stderr)
         try:
             family = env_family(args.env_id)
@@ -146,9 +152,6 @@ class Run:
             if (self.run_dir / CHECKPOINT_FILE).exists():
                 raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                                   "or choose another --run-name")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / CONFIG_FILE, {**args_to_dict(args), "agent": agent, "run_name": self.run_name})
-
         try:
             self.envs = AgentEnv.make(args, self.device)
         except (ValueError, FileNotFoundError) as error:
@@ -156,6 +159,11 @@ class Run:
         buffer_device = self._buffer_device()
         self.buffer = make_replay_buffer(self.envs.obs_shape, args.buffer_size, args.num_envs, buffer_device,
                                          seed=args.seed)
+        # The run folder is made only once the env and buffer exist: bad input leaves nothing behind.
+        if resumed_config is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / CONFIG_FILE, {**args_to_dict(args), "agent": agent, "run_name": self.run_name})
+
         self.action_generator = torch.Generator(device=self.device)
         self.action_generator.manual_seed(args.seed)
         self.stateful: dict = {}

@@ -203,7 +203,7 @@ def test_invalid_flags_are_one_clear_error_before_any_work(agent, overrides, mes
     args = AGENTS[agent].Args(runs_dir=str(tmp_path), cuda=False, total_timesteps=100, **overrides)
     with pytest.raises(ConfigError, match=message.replace("-", r"\-").replace("+", r"\+")):
         AGENTS[agent].main(args)
-    assert not list(tmp_path.glob("*/events.out.tfevents.*"))
+    assert not list(tmp_path.iterdir())  # nothing written: no run folder, no event file
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a missing CUDA device")
@@ -256,3 +256,27 @@ def test_atari_run_resumes_with_fresh_episodes(tmp_path, monkeypatch):
     assert status["status"] == "completed" and status["global_step"] == 300
     steps = [step for step, _ in read_scalars(run_dir)["losses/td_loss"]]
     assert steps == sorted(set(steps)) and steps[-1] == 300 and 250 in steps
+
+
+def test_resume_of_a_corrupt_checkpoint_or_config_is_a_clear_error(tmp_path, mnist_dir):
+    run_dir = run_agent(mdp_args("dqn", tmp_path, mnist_dir, total_timesteps=200))
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        dqn.main(dqn.Args(resume=str(run_dir)))
+    (run_dir / "config.json").write_text("{ truncated")
+    with pytest.raises(ConfigError, match="corrupt"):
+        dqn.main(dqn.Args(resume=str(run_dir)))
+
+
+def test_resume_with_the_other_agent_is_a_clear_error(tmp_path, mnist_dir):
+    run_dir = run_agent(mdp_args("dqn", tmp_path, mnist_dir, total_timesteps=200))
+    with pytest.raises(ConfigError, match="agents/dqn.py"):
+        c51.main(c51.Args(resume=str(run_dir)))
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLASTICITY_NO_DOWNLOAD", "1")
+    args = dqn.Args(env_id="ImageMDP/fashion_mnist", data_dir=str(tmp_path / "empty"), runs_dir=str(tmp_path),
+                    cuda=False, total_timesteps=100)
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte.gz|train-images-idx3-ubyte.gz"):
+        dqn.main(args)
