@@ -328,7 +328,8 @@ class Run:
         self._good_step = global_step
 
     def finish(self, global_step: int, obs: torch.Tensor) -> None:
-        self.tracker.flush(global_step)
+        if self.tracker.last_flush_step != global_step:
+            self.tracker.flush(global_step)
         self._check_finite(global_step)
         self.checkpoint(global_step, obs)
         self.tracker.close()
