@@ -55,7 +55,7 @@ class QNetwork(nn.Module):
 
 
 def main(args: Args) -> None:
-    run = experiment.start(args, agent="c51", categorical=True)
+    run = experiment.start(args, agent="c51", categorical=lambda args: True)
     args, device, envs, rb = run.args, run.device, run.envs, run.buffer
 
     atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)

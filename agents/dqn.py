@@ -65,9 +65,8 @@ class QNetwork(nn.Module):
 
 
 def main(args: Args) -> None:
-    categorical = args.loss in CATEGORICAL_LOSSES
-    run = experiment.start(args, agent="dqn", categorical=categorical)
-    args, device, envs, rb = run.args, run.device, run.envs, run.buffer
+    run = experiment.start(args, agent="dqn", categorical=lambda args: args.loss in CATEGORICAL_LOSSES)
+    args, device, envs, rb, categorical = run.args, run.device, run.envs, run.buffer, run.categorical
 
     support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device, sigma_ratio=args.hl_gauss_sigma)
                if categorical else None)

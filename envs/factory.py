@@ -46,7 +46,8 @@ def make_env(args, device: torch.device):
 
         return ImageMDPVectorEnv(
             dataset=args.env_id[len(IMAGE_MDP_PREFIX):], num_envs=args.num_envs, variant=args.variant,
-            shift=args.shift, shift_every=args.shift_every, shift_frac=args.shift_frac,
+            # The env counts vector steps; the flag counts env steps (validated to be a multiple).
+            shift=args.shift, shift_every=args.shift_every // args.num_envs, shift_frac=args.shift_frac,
             reward_offset=args.reward_offset, episode_length=args.episode_length,
             num_images=args.num_images or None, data_dir=args.data_dir or None, device=device,
             seed=args.seed, obs_dtype=torch.uint8,
@@ -56,7 +57,7 @@ def make_env(args, device: torch.device):
 
         return NonstationaryAtariEnv(
             args.env_id, num_envs=args.num_envs, seed=args.seed, shifts=args.atari_shift,
-            switch_every=args.switch_every, games=args.games, modes=args.modes, difficulties=args.difficulties,
+            switch_every=args.switch_every // args.num_envs, games=args.games, modes=args.modes, difficulties=args.difficulties,
             reward_offset=args.reward_offset, reward_scale=args.reward_scale,
             sticky_actions=args.sticky_actions, episodic_life=args.episodic_life, device=device,
         )

@@ -38,7 +38,7 @@ class CommonArgs:
     run_name: str = ""
     """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>)"""
     checkpoint_every: int = 100_000
-    """save a checkpoint every this many env steps (0: only at the end, on interruption and on a NaN loss)"""
+    """save a checkpoint every this many env steps (0: only at the end and on interruption)"""
     checkpoint_buffer: Literal["auto", "always", "never"] = "auto"
     """store the replay buffer in checkpoints (auto: when it is at most 2 GiB) -- needed for an exact resume"""
     resume: str = ""
@@ -257,9 +257,27 @@ def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> N
     if is_atari:
         check(args.shift in ([], ["none"]),
               f"--shift {' '.join(args.shift)} applies to the image MDP only; on Atari use --atari-shift")
+        if not args.atari_shift:
+            unused = [flag for flag, used in (("--reward-offset", args.reward_offset != 0.0),
+                                              ("--reward-scale", args.reward_scale != 1.0), ("--games", args.games),
+                                              ("--modes", args.modes), ("--difficulties", args.difficulties),
+                                              ("--switch-every", args.switch_every)) if used]
+            check(not unused, f"{' '.join(unused)} only act through --atari-shift; add the shift "
+                              "(e.g. --atari-shift reward_offset) or drop the flag")
+            check(not (args.snp > 0 and args.snp_every == 0) and args.reset_head_every != -1,
+                  "--snp-every 0 and --reset-head-every -1 act at task switches, and this Atari run has none "
+                  "(no --atari-shift): give a period in updates instead")
+        else:
+            check(args.switch_every >= 1, "--atari-shift needs --switch-every N (env steps between task switches)")
+            check(args.switch_every % args.num_envs == 0,
+                  f"--switch-every ({args.switch_every}) must be a multiple of --num-envs ({args.num_envs}): "
+                  "switches happen between vector steps")
     else:
         check(not args.atari_shift, "--atari-shift applies to Atari ids only; on the image MDP use --shift")
         check(args.shift_every >= 1, "--shift-every must be at least 1")
+        check(args.shift_every % args.num_envs == 0,
+              f"--shift-every ({args.shift_every}) must be a multiple of --num-envs ({args.num_envs}): "
+              "switches happen between vector steps")
         check(0.0 <= args.shift_frac <= 1.0, "--shift-frac must be in [0, 1]")
         check(args.episode_length >= 1, "--episode-length must be at least 1")
         check(args.num_images >= 0, "--num-images must be >= 0 (0: all images)")

@@ -24,7 +24,7 @@ import torch
 import tyro
 
 from envs.factory import AgentEnv, env_family
-from envs.replay_buffer import make_replay_buffer
+from envs.replay_buffer import is_frame_stack, make_replay_buffer
 from plasticity.checkpoint import (
     CHECKPOINT_FILE,
     NonFiniteLossError,
@@ -37,6 +37,16 @@ from plasticity.config import ConfigError, resolve_family_defaults, run_tag, val
 from plasticity.tracking import CONFIG_FILE, Tracker, args_to_dict, read_json, write_json, write_status
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """A seed for one random stream of a run (actions, replay sampling), independent of the others.
+
+    The env is seeded with ``seed`` itself; generators on the same device seeded alike would
+    draw the same numbers -- e.g. exploratory actions equal to the env's next labels.
+    """
+    key = [int(seed), *purpose.encode()]
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] & (2**63 - 1))
 
 
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
@@ -106,6 +116,10 @@ def _load_resumed_args(args, agent: str):
     known = {f.name for f in dataclasses.fields(type(args))}
     resumed = type(args)(**{k: v for k, v in config.items() if k in known})
     resumed.resume = str(run_dir)
+    if resumed.cuda and not torch.cuda.is_available():
+        print("note: this run trained on CUDA and no CUDA device is available here; continuing on the CPU",
+              file=sys.stderr)
+        resumed.cuda = False
     if not (run_dir / CHECKPOINT_FILE).exists():
         raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; the run stopped before its first "
                           "checkpoint, start it again without --resume")
@@ -115,7 +129,7 @@ def _load_resumed_args(args, agent: str):
 class Run:
     """One training run: its folder, device, env, replay buffer, tracker and checkpoints."""
 
-    def __init__(self, args, agent: str, categorical: bool):
+    def __init__(self, args, agent: str, categorical: Callable[[object], bool]):
         global _active_run
         _active_run = self
         self.agent = agent
@@ -130,7 +144,8 @@ class Run:
             raise ConfigError(str(error)) from None
         self.is_atari = family == "atari"
         resolve_family_defaults(args, self.is_atari)
-        validate_common(args, is_atari=self.is_atari, categorical=categorical)
+        self.categorical = categorical(args)
+        validate_common(args, is_atari=self.is_atari, categorical=self.categorical)
         if not args.exp_name:
             args.exp_name = agent
         self.args = args
@@ -152,20 +167,27 @@ class Run:
             if (self.run_dir / CHECKPOINT_FILE).exists():
                 raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                                   "or choose another --run-name")
+            if any(self.run_dir.glob("events.out.tfevents.*")):
+                raise ConfigError(f"{self.run_dir} holds the event files of a run that stopped before its first "
+                                  "checkpoint; delete that folder or choose another --run-name")
         try:
             self.envs = AgentEnv.make(args, self.device)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
-        buffer_device = self._buffer_device()
-        self.buffer = make_replay_buffer(self.envs.obs_shape, args.buffer_size, args.num_envs, buffer_device,
-                                         seed=args.seed)
+        try:
+            # Batches come back on the training device wherever the buffer lives.
+            self.buffer = make_replay_buffer(self.envs.obs_shape, args.buffer_size, args.num_envs,
+                                             self._buffer_device(), seed=stream_seed(args.seed, "replay"),
+                                             sample_device=self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         # The run folder is made only once the env and buffer exist: bad input leaves nothing behind.
         if resumed_config is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / CONFIG_FILE, {**args_to_dict(args), "agent": agent, "run_name": self.run_name})
 
         self.action_generator = torch.Generator(device=self.device)
-        self.action_generator.manual_seed(args.seed)
+        self.action_generator.manual_seed(stream_seed(args.seed, "actions"))
         self.stateful: dict = {}
         self._stop_requested = False
         self._previous_handlers: dict = {}
@@ -178,7 +200,10 @@ class Run:
             return torch.device(args.buffer_device)
         if self.device.type != "cuda":
             return self.device
-        per_transition = 2 * int(np.prod(self.envs.obs_shape)) + 16
+        obs_shape = self.envs.obs_shape
+        # Frame stacks store each frame once; other observations are stored as obs and next_obs.
+        frames = int(np.prod(obs_shape[1:])) if is_frame_stack(obs_shape) else 2 * int(np.prod(obs_shape))
+        per_transition = frames + 16
         free, _total = torch.cuda.mem_get_info(self.device)
         # Keep the buffer on the GPU only when it leaves most of the memory for training.
         return self.device if per_transition * args.buffer_size < 0.6 * free else torch.device("cpu")
@@ -191,7 +216,8 @@ class Run:
         global_step = 0
         if args.resume:
             try:
-                state = load_checkpoint(self.run_dir, map_location=self.device)
+                # On the CPU: RNG states must stay CPU tensors; every load_state_dict moves the rest.
+                state = load_checkpoint(self.run_dir, map_location="cpu")
             except (FileNotFoundError, ValueError) as error:
                 raise ConfigError(str(error)) from None
             for name, obj in stateful.items():
@@ -202,8 +228,7 @@ class Run:
                 self.buffer.load_state_dict(state["buffer"])
             else:
                 print("note: the checkpoint holds no replay buffer; it refills from the resumed step", file=sys.stderr)
-            self.action_generator.set_state(state["action_generator"].cpu() if self.device.type == "cpu"
-                                            else state["action_generator"])
+            self.action_generator.set_state(state["action_generator"])
             set_rng_state(state["rng"])
             obs = state["obs"].to(self.device) if restarted_obs is None else restarted_obs
             self.tracker = self._make_tracker(global_step)
@@ -328,7 +353,8 @@ class Run:
         self._good_step = global_step
 
     def finish(self, global_step: int, obs: torch.Tensor) -> None:
-        if self.tracker.last_flush_step != global_step:
+        self.tracker.close_task(global_step)
+        if self.tracker.last_flush_step != global_step or self.tracker.has_pending():
             self.tracker.flush(global_step)
         self._check_finite(global_step)
         self.checkpoint(global_step, obs)
@@ -364,6 +390,10 @@ class Run:
         self.tracker.log_dict(scalars, global_step)
 
 
-def start(args, agent: str, categorical: bool = False) -> Run:
-    """Validate the flags, seed everything, create the run folder, the env and the replay buffer."""
+def start(args, agent: str, categorical: Callable[[object], bool] = lambda args: False) -> Run:
+    """Validate the flags, seed everything, create the run folder, the env and the replay buffer.
+
+    ``categorical(args)`` says whether the value head is categorical, decided on the final
+    args: on ``--resume`` those are the run's saved config, not the command line.
+    """
     return Run(args, agent, categorical)

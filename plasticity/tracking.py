@@ -126,17 +126,24 @@ class Tracker:
 
     def task_switch(self, step: int, finished_task: int, new_task: int) -> None:
         """Close ``finished_task``: its final accuracy and mean episodic return, logged at ``step``."""
+        self.close_task(step)
+        self._scalars.append(("charts/task_id", step, torch.tensor(float(new_task))))
+
+    def close_task(self, step: int) -> None:
+        """Log the current task's final accuracy and mean episodic return (if it had any steps) at ``step``."""
         if self._accuracy_filled:
             filled = min(self._accuracy_filled, len(self._accuracy_ring))
             self._scalars.append(("charts/task_final_accuracy", step, self._accuracy_ring[:filled].mean()))
         if self._task_episode_count:
             self._scalars.append(("charts/task_return", step, self._task_return_sum / self._task_episode_count))
-        self._scalars.append(("charts/task_id", step, torch.tensor(float(new_task))))
         self._accuracy_filled = 0
         self._task_return_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._task_episode_count = 0
 
     # ---- flushing ----
+    def has_pending(self) -> bool:
+        return bool(self._means or self._scalars or self._episodes)
+
     def maybe_flush(self, step: int, force: bool = False) -> bool:
         if not force and step - self.last_flush_step < self.log_every:
             return False

@@ -280,3 +280,67 @@ def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch):
                     cuda=False, total_timesteps=100)
     with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte.gz|train-images-idx3-ubyte.gz"):
         dqn.main(args)
+
+
+def test_exploration_is_independent_of_the_environment_stream(tmp_path, mnist_dir):
+    """A uniformly random policy (epsilon = 1) scores about 1/K: its draws must not replay the env's labels."""
+    args = mdp_args("dqn", tmp_path, mnist_dir, start_e=1.0, end_e=1.0, learning_starts=10_000, total_timesteps=1000,
+                    episode_length=100, num_envs=4, shift=["none"], shift_every=1000, diag_every=0)
+    returns = [value for _, value in read_scalars(run_agent(args))["charts/episodic_return"]]
+    assert len(returns) == 8  # 4 envs x 250 steps each, episodes of 100
+    assert 0.05 < sum(returns) / (100 * len(returns)) < 0.15  # K = 10 classes
+
+
+def test_resume_of_a_categorical_dqn_run(tmp_path, mnist_dir, monkeypatch):
+    toggles = dict(loss="hl_gauss", v_min=-1.0, v_max=11.0, checkpoint_every=100)
+    uninterrupted = read_scalars(run_agent(mdp_args("dqn", tmp_path / "full", mnist_dir, **toggles)))
+    interrupt_at(250, monkeypatch)
+    run_dir = run_agent(mdp_args("dqn", tmp_path / "cut", mnist_dir, **toggles))
+    dqn.main(dqn.Args(resume=str(run_dir)))  # the command line says nothing about the loss
+    assert comparable(read_scalars(run_dir)) == comparable(uninterrupted)
+
+
+def test_shift_every_counts_env_steps_with_several_envs(tmp_path, mnist_dir):
+    args = mdp_args("dqn", tmp_path, mnist_dir, num_envs=4, shift_every=100, total_timesteps=400, log_every=100)
+    scalars = read_scalars(run_agent(args))
+    assert [step for step, _ in scalars["charts/task_final_accuracy"]] == [100, 200, 300, 400]
+
+
+def test_the_last_task_is_closed_at_the_end_of_the_run(tmp_path, mnist_dir):
+    scalars = read_scalars(run_agent(mdp_args("dqn", tmp_path, mnist_dir, shift_every=300, total_timesteps=400)))
+    assert [step for step, _ in scalars["charts/task_final_accuracy"]] == [300, 400]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(reward_offset=5.0), "--reward-offset only act through --atari-shift"),
+    (dict(games=["Pong"]), "--games only act through --atari-shift"),
+    (dict(snp=0.1), "act at task switches"),
+    (dict(reset_head_every=-1), "act at task switches"),
+    (dict(atari_shift=["games"], games=["Pong"]), "--switch-every N"),
+    (dict(atari_shift=["games"], games=["Pong"], switch_every=101, num_envs=2), "multiple of --num-envs"),
+])
+def test_atari_flags_that_would_be_silently_ignored_are_errors(overrides, message, tmp_path):
+    args = dqn.Args(env_id="ALE/Breakout-v5", runs_dir=str(tmp_path), cuda=False, total_timesteps=100, **overrides)
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        dqn.main(args)
+
+
+def test_reusing_the_folder_of_a_run_that_never_checkpointed_is_an_error(tmp_path, mnist_dir, monkeypatch):
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("crash before the first checkpoint")
+
+    monkeypatch.setattr(experiment.Run, "checkpoint", crash)
+    with pytest.raises(RuntimeError):
+        run_agent(mdp_args("dqn", tmp_path, mnist_dir, total_timesteps=200))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint"):
+        run_agent(mdp_args("dqn", tmp_path, mnist_dir, total_timesteps=200))
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_a_cpu_buffer_resumes(tmp_path, mnist_dir, monkeypatch):
+    interrupt_at(250, monkeypatch)
+    run_dir = run_agent(mdp_args("c51", tmp_path, mnist_dir, cuda=True, buffer_device="cpu", cbp=True, swr=0.01,
+                                 checkpoint_every=100))
+    c51.main(c51.Args(resume=str(run_dir)))
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
