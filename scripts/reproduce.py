@@ -169,6 +169,8 @@ LABEL_SHUFFLE = Study(
                     "ln_l2"),
     ),
     first_task=1,
+    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
+            "12 tasks x 15k env steps -> 10 tasks x 14k.",
 )
 
 TARGET_MEAN = Study(
@@ -203,6 +205,8 @@ TARGET_MEAN = Study(
         Expectation("HL-Gauss removes most of the gap at γ = 0.99", "accuracy_auc", "hlg_g0.99", "mse_g0.99"),
         Expectation("HL-Gauss keeps σ_1 small at γ = 0.99", "plasticity/feature_sv_max", "mse_g0.99", "hlg_g0.99"),
     ),
+    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
+            "12 -> 10 tasks.",
 )
 
 CBP = Study(
@@ -232,6 +236,8 @@ CBP = Study(
         Expectation("... but does not stop dead units (more than CBP)", "plasticity/dead_frac", "l2", "cbp"),
     ),
     diagnostics=(*DIAGNOSTICS, "plasticity/weight_magnitude"),
+    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
+            "16 -> 14 tasks, and to 12 tasks when the studies ran slower than planned on the shared CPU.",
 )
 
 SWR = Study(
@@ -262,6 +268,9 @@ SWR = Study(
     ),
     diagnostics=(*DIAGNOSTICS, "plasticity/weight_norm/*"),
     first_task=1,
+    resized="Planned at 20 tasks, set to 16 before any launch (time box); then "
+            "cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
+            "16 -> 12 tasks.",
 )
 
 STUDIES: dict[str, Study] = {study.name: study for study in (LABEL_SHUFFLE, TARGET_MEAN, CBP, SWR)}
@@ -480,7 +489,7 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
     lines += [f"| {arm} | `{flags or '(defaults)'}` |" for arm, flags in study.arms.items()]
     lines += ["", "Why:", ""] + [f"- {reason}" for reason in (*study.reasons, *COMMON_REASONS)]
     if study.resized:
-        lines += ["", f"**Resized after a first full run:** {study.resized}"]
+        lines += ["", f"**Resized:** {study.resized}"]
     first = f"tasks {study.first_task}.." if study.first_task else "all tasks"
     lines += ["", "## Per-task final accuracy", "", "![accuracy](accuracy.png)", "",
               f"Mean over seeds [95% bootstrap CI over seeds]; per run, over {first} "
@@ -582,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             data_dir = str(Path(args.data_dir).absolute())
         else:
             data_dir = str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else ""
-        settings = {"command": shlex.join(["python", "scripts/reproduce.py", *argv]), "smoke": args.smoke,
+        run_argv = [arg for arg in argv if arg != "--analyze-only"]  # the command that runs the study
+        settings = {"command": shlex.join(["python", "scripts/reproduce.py", *run_argv]), "smoke": args.smoke,
                     "common": f"{study.common_flags(size)} {extra}".strip(), "seeds": seeds}
         if args.analyze_only:
             if not (sweep_dir / "runs").is_dir():
