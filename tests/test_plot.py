@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_reference import accumulate
 
 # The session's small sweep (dqn, variants base/ln, seeds 1-2), shared with tests/test_benchmark_sweep.py.
 from test_benchmark_sweep import run_small_sweep
@@ -27,14 +27,6 @@ from scripts.tbreader import RunData, Series, find_run_dirs, load_run, load_runs
 def sweep_dir(tmp_path_factory, mnist_dir) -> Path:
     return run_small_sweep(tmp_path_factory, mnist_dir)
 
-
-def accumulate(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every scalar of a run as TensorBoard's EventAccumulator reads it (the independent reference)."""
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: (np.array([e.step for e in accumulator.Scalars(tag)]),
-                  np.array([e.value for e in accumulator.Scalars(tag)], dtype=np.float64))
-            for tag in accumulator.Tags()["scalars"]}
 
 
 # ---- stats ----

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tb_reference import accumulate
 
 from scripts import reproduce, stats
 from scripts.tbreader import RunData, Series
@@ -114,13 +114,6 @@ def test_bad_input_gives_one_clear_error(tmp_path, capsys):
 
 # ---- a smoke run of every study, checked against the event files ----
 
-
-def accumulate(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: (np.array([e.step for e in accumulator.Scalars(tag)]),
-                  np.array([e.value for e in accumulator.Scalars(tag)], dtype=np.float64))
-            for tag in accumulator.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("name", list(reproduce.STUDIES))
