@@ -48,7 +48,7 @@ class QNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [batch, actions, atoms]; observations are uint8 pixels."""
-        return self.head(self.torso(x.float() / 255.0)).view(len(x), self.num_actions, self.n_atoms)
+        return self.head(self.torso(self.torso.scale_pixels(x))).view(len(x), self.num_actions, self.n_atoms)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
         return (torch.softmax(self(x), dim=2) * self.atoms).sum(dim=2)

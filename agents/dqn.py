@@ -56,7 +56,7 @@ class QNetwork(nn.Module):
         self.support = support
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.torso(x.float() / 255.0))  # observations are uint8 pixels
+        out = self.head(self.torso(self.torso.scale_pixels(x)))  # observations are uint8 pixels
         return out if self.support is None else out.view(len(x), self.num_actions, self.num_bins)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:

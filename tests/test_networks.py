@@ -170,3 +170,23 @@ def test_reinit_whole_layer_follows_pytorch_default_distribution_and_generator()
     again = nn.Conv2d(3, 64, 3)
     reinit_(again, generator=torch.Generator().manual_seed(1))
     assert torch.equal(layer.weight, again.weight) and torch.equal(layer.bias, again.bias)
+
+
+@pytest.mark.parametrize("name, shape", [("nature_cnn", (4, 84, 84)), ("mlp", (1, 28, 28)), ("cnn", (3, 32, 32))])
+def test_scale_pixels_is_x_over_255_in_the_torso_layout(name, shape):
+    torso = build_torso(name, shape)
+    pixels = torch.randint(0, 256, (5, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    scaled = torso.scale_pixels(pixels)
+    assert scaled.dtype == torch.float32
+    assert torch.equal(scaled, pixels.float() / 255.0)  # bit for bit the same values
+    layout = torch.channels_last if torso.channels_last else torch.contiguous_format
+    assert scaled.is_contiguous(memory_format=layout)
+    assert torch.equal(torso(scaled), torso(pixels.float() / 255.0))
+
+
+def test_scale_pixels_never_scales_the_callers_tensor():
+    torso = build_torso("cnn", (3, 32, 32))
+    images = torch.rand(2, 3, 32, 32) * 255
+    before = images.clone()
+    torso.scale_pixels(images)
+    assert torch.equal(images, before)
