@@ -29,6 +29,7 @@ class EpisodeStats:
         self.device = torch.device(device)
         self.returns = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.lengths = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        self._no_episodes = (self.returns[:0], self.lengths[:0])
 
     def update(self, rewards: torch.Tensor, ends: torch.Tensor,
                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +46,17 @@ class EpisodeStats:
             raise ValueError(f"rewards and ends must have shape ({self.num_envs},), "
                              f"got {tuple(rewards.shape)} and {tuple(ends.shape)}")
         ends = ends.to(self.device, torch.bool)
-        step = torch.ones_like(ends) if valid is None else valid.to(self.device, torch.bool)
-        self.returns += torch.where(step, rewards.to(self.device, torch.float64), 0.0)
-        self.lengths += step
-        finished = (ends & step).nonzero().squeeze(1)
+        if valid is None:
+            self.returns += rewards.to(self.device, torch.float64)
+            self.lengths += 1
+        else:
+            valid = valid.to(self.device, torch.bool)
+            self.returns += torch.where(valid, rewards.to(self.device, torch.float64), 0.0)
+            self.lengths += valid
+            ends = ends & valid
+        if self.device.type == "cpu" and not ends.any():  # a free check on the host; most steps end nothing
+            return self._no_episodes
+        finished = ends.nonzero().squeeze(1)
         episode_returns = self.returns[finished]
         episode_lengths = self.lengths[finished]
         self.returns[finished] = 0.0

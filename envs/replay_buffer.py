@@ -313,6 +313,9 @@ class FrameStackReplayBuffer(_RingBuffer):
         self._previous_valid = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         # Row offsets of a transition's stack and of its next stack: t - stack + 1 ... t + 1.
         self._window = torch.arange(-self.stack + 1, 2, device=self.device)
+        # Constants of the sampleability refresh: rows after the first refreshed one, rows back from a row.
+        self._offsets = torch.arange(self.num_rows, device=self.device)[:3 * self.stack]
+        self._back = torch.arange(self.stack - 1, device=self.device)
 
     def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
             terminated: torch.Tensor, truncated: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -356,17 +359,18 @@ class FrameStackReplayBuffer(_RingBuffer):
         self._refresh_sampleable(newest, 1)
 
     def _refresh_sampleable(self, first_row: int, count: int) -> None:
-        rows = (first_row + torch.arange(count, device=self.device)) % self.num_rows  # [count]
+        rows = (first_row + self._offsets[:count]) % self.num_rows  # [count]
         filled = min(self.rows_written, self.num_rows)
         oldest = self.cursor if self.rows_written >= self.num_rows else 0
-        age = (rows - oldest) % self.num_rows  # 0 = oldest row still stored
-        newest = rows == (self.cursor - 1) % self.num_rows
-        # Frames the stack needs before row t: stack - 1, or fewer when an episode starts within them.
-        needed = torch.full((count, self.num_envs), self.stack - 1, dtype=torch.int64, device=self.device)
-        for back in reversed(range(self.stack - 1)):
-            needed.masked_fill_(self.episode_start[(rows - back) % self.num_rows], back)
-        sampleable = (self.is_transition[rows] & (age < filled).unsqueeze(1) & ~newest.unsqueeze(1)
-                      & (age.unsqueeze(1) >= needed))
+        age = (rows - oldest) % self.num_rows  # 0 = oldest row still stored; filled - 1 = the newest row
+        # Frames the stack needs before row t: stack - 1, or b when an episode starts b rows back (b < stack - 1).
+        needed = 0
+        if self.stack > 1:
+            starts = self.episode_start[(rows.unsqueeze(1) - self._back) % self.num_rows]  # [count, stack - 1, E]
+            needed = torch.where(starts, self._back.view(1, -1, 1), self.stack - 1).amin(1)  # [count, E]
+        age = age.unsqueeze(1)
+        # Stored, not the newest row (its next frame is not stored yet), and every frame of its stack kept.
+        sampleable = self.is_transition[rows] & (age < filled - 1) & (age >= needed)
         slots = rows.unsqueeze(1) * self.num_envs + self._env_index
         self._sampleable.set(slots.flatten(), sampleable.flatten())
 
