@@ -5,6 +5,7 @@
     python scripts/bench.py plasticity     # SWR and CBP cost per update (Nature CNN)
     python scripts/bench.py diagnostics    # one diagnostics event vs training time
     python scripts/bench.py agents         # DQN/C51 training SPS vs compute floor, image-MDP training SPS
+    python scripts/bench.py reference      # DQN/C51 SPS vs a CleanRL-style loop, alternating runs (bench extra)
 
 Arguments after the sub-command go to that benchmark (`python scripts/bench.py env --help`).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a source checkout
 
-BENCHMARKS = {name: f"scripts.bench_{name}" for name in ("env", "atari", "plasticity", "diagnostics", "agents")}
+BENCHMARKS = {name: f"scripts.bench_{name}" for name in ("env", "atari", "plasticity", "diagnostics", "agents", "reference")}
 
 
 def main() -> None:
