@@ -314,7 +314,7 @@ class FrameStackReplayBuffer(_RingBuffer):
         # Row offsets of a transition's stack and of its next stack: t - stack + 1 ... t + 1.
         self._window = torch.arange(-self.stack + 1, 2, device=self.device)
         # Constants of the sampleability refresh: rows after the first refreshed one, rows back from a row.
-        self._offsets = torch.arange(self.num_rows, device=self.device)[:3 * self.stack]
+        self._offsets = torch.arange(min(self.num_rows, 2 * self.stack), device=self.device)  # count <= 2 * stack
         self._back = torch.arange(self.stack - 1, device=self.device)
 
     def add(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, next_obs: torch.Tensor,
