@@ -59,6 +59,39 @@ def write_status(run_dir: Path, status: str, global_step: int, total_timesteps: 
     write_json(Path(run_dir) / STATUS_FILE, data)
 
 
+EVENT_FILE_PREFIX = "events.out.tfevents."
+
+
+def event_file_second(path: Path) -> int | None:
+    """The creation second in a TensorBoard event file's name (``events.out.tfevents.<second>.<host>.<pid>.<n>``)."""
+    parts = Path(path).name[len(EVENT_FILE_PREFIX):].split(".")
+    return int(parts[0]) if parts and parts[0].isdigit() else None
+
+
+def wait_for_a_later_event_file_name(run_dir: Path, max_wait: float = 2.0) -> None:
+    """Make the next event file in ``run_dir`` sort after the ones already there.
+
+    TensorBoard reads a folder's event files in name order, and the resumed run's
+    ``purge_step`` only drops the events of files read before it.  The name is
+    ``<second>.<host>.<pid>.<n>`` with pid and n unpadded: two files created in the
+    same second sort by those as text (``...11158.10`` before ``...11158.9``), so a
+    resume within a second of the interrupted run's start would be shown before it,
+    its purge void and the dropped steps back.  Waiting for the next second (at most
+    once per resume) makes the timestamp decide.
+    """
+    seconds = [second for path in Path(run_dir).glob(EVENT_FILE_PREFIX + "*")
+               if (second := event_file_second(path)) is not None]
+    if not seconds:
+        return
+    delay = max(seconds) + 1 - time.time()
+    if delay > max_wait:
+        print(f"warning: an event file in {run_dir} is dated {delay:.0f} s in the future (clock skew?); TensorBoard "
+              "may show the resumed run's file before it and keep the steps after the checkpoint. Fix the clock "
+              "or move that file away before resuming.", file=sys.stderr)
+    elif delay > 0:
+        time.sleep(delay)
+
+
 class Tracker:
     """TensorBoard writer + windowed scalars + episode/task statistics + progress line.
 
@@ -76,6 +109,8 @@ class Tracker:
         self.log_every = log_every
         self.device = device
         resumed = start_step > 0
+        if resumed:
+            wait_for_a_later_event_file_name(self.run_dir)
         # On resume, TensorBoard drops what the interrupted run wrote after its checkpoint (steps > start_step).
         self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if resumed else None)
         if not resumed:
