@@ -116,7 +116,8 @@ def main(args: Args) -> None:
         # ALGO LOGIC: training
         for update in run.updates(before, global_step):
             batch = rb.sample(args.batch_size)
-            loss, q_taken = td_loss(batch)
+            with run.mixed_precision():  # --bf16: the torsos compute in bfloat16; head and loss stay float32
+                loss, q_taken = td_loss(batch)
             run.log_update(loss, q_taken)
             optimizer.zero_grad()
             (loss + interventions.penalty()).backward()

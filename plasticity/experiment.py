@@ -36,6 +36,7 @@ from plasticity.checkpoint import (
     set_rng_state,
 )
 from plasticity.config import ConfigError, resolve_family_defaults, run_tag, validate_common
+from plasticity.networks import torso_precision
 from plasticity.tracking import CONFIG_FILE, Tracker, args_to_dict, read_json, write_json, write_status
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
@@ -390,6 +391,10 @@ class Run:
         write_status(self.run_dir, "completed", global_step, self.args.total_timesteps)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----
+    def mixed_precision(self):
+        """Context for an update's forward passes: the torsos compute in bfloat16 with --bf16, else a no-op."""
+        return torso_precision(torch.bfloat16 if self.args.bf16 else None)
+
     def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,
                  clip_range: tuple[float, float] | None = None) -> None:
         """Run the diagnostics whose cadence was crossed, on a probe batch from the replay buffer.

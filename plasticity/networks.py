@@ -9,12 +9,18 @@ addressable by their module name, e.g. ``torso.0`` when the torso is stored as
 ``hidden_layers(model)`` discovers those blocks by walking the model's modules in
 registration order, so a model must register its modules in forward order
 (torso first, then head) -- both agents do.
+
+``torso_precision(torch.bfloat16)`` runs every torso's layers under autocast inside
+a block (the agents' ``--bf16`` updates); features leave the torso as float32, so
+heads, losses and whatever else reads them stay float32.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +28,24 @@ from torch import nn
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 NETWORK_NAMES = ("nature_cnn", "mlp", "cnn")
+
+_torso_dtype: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("torso_dtype", default=None)
+
+
+@contextmanager
+def torso_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside this block every Torso computes in ``dtype`` autocast (None: float32, a no-op).
+
+    Only the torso: its output is cast back to float32, so the head, Q-values, logits
+    and losses keep full precision, and passes outside the block (acting, target
+    updates, diagnostics, resets) are untouched.  Weights, gradients and optimiser
+    state stay float32 -- autocast casts a copy of each weight per forward.
+    """
+    token = _torso_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _torso_dtype.reset(token)
 
 
 class Torso(nn.Sequential):
@@ -51,7 +75,11 @@ class Torso(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
+        dtype = _torso_dtype.get()
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return super().forward(x).float()
 
 
 def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None) -> list[nn.Module]:

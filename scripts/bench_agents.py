@@ -12,6 +12,7 @@ and the image-MDP training SPS.
 
     python scripts/bench.py agents                       # CPU; --device cuda on a GPU machine
     python scripts/bench.py agents --steps 12000 --agents dqn
+    python scripts/bench.py agents --bf16                # also each agent with --bf16
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=14_000, help="env steps per measured Atari run")
     parser.add_argument("--learning-starts", type=int, default=2_000)
     parser.add_argument("--mnist", default=str(SHARED_MNIST), help="MNIST folder for the image-MDP figure")
+    parser.add_argument("--bf16", action="store_true", help="also measure each agent with --bf16")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{floor['env_step_ms']:.2f} ms -> floor {floor['floor_sps']:.0f} SPS")
         print(f"{agent}: training SPS {base:.0f} ({100 * base / floor['floor_sps']:.0f}% of floor); "
               f"with SWR+CBP+diagnostics {with_methods:.0f} ({100 * (base / with_methods - 1):.1f}% slower)")
+        if args.bf16:
+            low = measured_sps(agent, device, args.steps, args.learning_starts, bf16=True)
+            print(f"{agent}: training SPS with --bf16 {low:.0f} ({low / base:.2f}x float32)")
     print(f"Atari replay: {bytes_per_atari_transition():.0f} bytes per stored transition "
           f"({bytes_per_atari_transition() * 1e6 / 1e9:.2f} GB for 1M)")
     if Path(args.mnist, "t10k-images-idx3-ubyte.gz").exists():

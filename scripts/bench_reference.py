@@ -16,6 +16,7 @@ Needs the ``bench`` extra (``pip install -e ".[bench]"``: stable-baselines3, ope
 
     python scripts/bench.py reference                    # DQN and C51, 3 alternating pairs each
     python scripts/bench.py reference --agents dqn --pairs 5
+    python scripts/bench.py reference --bf16             # also our agent with --bf16 in each round
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=3, help="alternating (reference, ours) runs per agent")
     parser.add_argument("--steps", type=int, default=6_000, help="env steps per run")
     parser.add_argument("--learning-starts", type=int, default=1_000)
+    parser.add_argument("--bf16", action="store_true", help="also run our agent with --bf16 in every round")
     args = parser.parse_args(argv)
     try:
         import cv2  # noqa: F401  (gymnasium's ResizeObservation)
@@ -169,13 +171,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.pairs} alternating pairs of "
           f"{args.steps} env steps, learning from step {args.learning_starts}")
     for agent in args.agents:
-        reference, ours = [], []
+        reference, ours, ours_bf16 = [], [], []
         for _ in range(args.pairs):
             reference.append(reference_sps(agent, args.steps, args.learning_starts))
             ours.append(measured_sps(agent, torch.device("cpu"), args.steps, args.learning_starts, **CLEANRL[agent]))
-            print(f"{agent}: reference {reference[-1]:.0f} SPS, ours {ours[-1]:.0f} SPS")
+            line = f"{agent}: reference {reference[-1]:.0f} SPS, ours {ours[-1]:.0f} SPS"
+            if args.bf16:
+                ours_bf16.append(measured_sps(agent, torch.device("cpu"), args.steps, args.learning_starts,
+                                              bf16=True, **CLEANRL[agent]))
+                line += f", ours --bf16 {ours_bf16[-1]:.0f} SPS"
+            print(line)
         ref, our = statistics.median(reference), statistics.median(ours)
-        print(f"{agent}: median reference {ref:.0f} SPS, ours {our:.0f} SPS -> {our / ref:.2f}x")
+        summary = f"{agent}: median reference {ref:.0f} SPS, ours {our:.0f} SPS -> {our / ref:.2f}x"
+        if args.bf16:
+            low = statistics.median(ours_bf16)
+            summary += f"; ours --bf16 {low:.0f} SPS -> {low / ref:.2f}x"
+        print(summary)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,32 @@ def test_atari_run_with_every_toggle_writes_all_tags(agent, tmp_path):
     assert any(tag.startswith("plasticity/dead_frac/torso.") for tag in scalars)
 
 
+@pytest.mark.parametrize("agent", ["dqn", "c51"])
+def test_bf16_updates_run_every_toggle_in_bfloat16_deterministically(agent, tmp_path, mnist_dir, monkeypatch):
+    entered = []
+    real_precision = experiment.torso_precision
+
+    def spy(dtype):
+        entered.append(dtype)
+        return real_precision(dtype)
+
+    monkeypatch.setattr(experiment, "torso_precision", spy)
+    toggles = {**ALL_TOGGLES, "entk_every": 0, "hessian_every": 0, "probe_every": 0,
+               **({"loss": "two_hot"} if agent == "dqn" else {})}
+    low = read_scalars(run_agent(mdp_args(agent, tmp_path / "a", mnist_dir, bf16=True, **toggles)))
+    # 400 steps, learning after 100, an update every 4 steps: 75 updates, each in bfloat16.
+    assert entered == [torch.bfloat16] * 75
+    assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS} <= set(low)
+    assert {"plasticity/cbp_replacements", "plasticity/redo_resets", "plasticity/swr_scale"} <= set(low)
+    assert all(math.isfinite(value) for series in low.values() for _, value in series)
+    again = read_scalars(run_agent(mdp_args(agent, tmp_path / "b", mnist_dir, bf16=True, **toggles)))
+    assert comparable(again) == comparable(low)
+    entered.clear()
+    full = read_scalars(run_agent(mdp_args(agent, tmp_path / "c", mnist_dir, **toggles)))
+    assert entered == [None] * 75
+    assert comparable(full)["losses/td_loss"] != comparable(low)["losses/td_loss"]
+
+
 def interrupt_at(step: int, monkeypatch) -> None:
     """Stop the first (not resumed) run at ``step`` exactly as Ctrl-C does: honoured at the end of the iteration."""
     original = experiment.Run.end_iteration
@@ -213,6 +239,16 @@ def test_cuda_requested_without_a_device_is_a_clear_cli_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU"]
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_one_clear_error(tmp_path, monkeypatch):
+    # What a V100 or T4 reports; the check runs before anything touches the device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    args = dqn.Args(runs_dir=str(tmp_path), cuda=True, bf16=True, total_timesteps=100)
+    with pytest.raises(ConfigError, match=r"--bf16 needs a GPU with bfloat16 support"):
+        dqn.main(args)
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_env_id_on_the_cli_lists_the_valid_ones(tmp_path):

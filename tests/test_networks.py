@@ -190,3 +190,48 @@ def test_scale_pixels_never_scales_the_callers_tensor():
     before = images.clone()
     torso.scale_pixels(images)
     assert torch.equal(images, before)
+
+
+@pytest.mark.parametrize("name", TORSOS)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_torso_precision_runs_only_the_torso_in_bfloat16(name, layer_norm):
+    """--bf16: weight layers compute in bfloat16 inside the block; features, head and gradients stay float32."""
+    from plasticity.networks import torso_precision
+
+    torch.manual_seed(0)
+    model = QNetwork(name, layer_norm=layer_norm)
+    x = torch.rand(8, *TORSOS[name])
+    layer_dtypes = []
+    handles = [m.register_forward_hook(lambda m, i, out: layer_dtypes.append(out.dtype))
+               for m in model.torso if isinstance(m, (nn.Linear, nn.Conv2d))]
+    full = model(x)
+    assert set(layer_dtypes) == {torch.float32}
+    layer_dtypes.clear()
+    with torso_precision(torch.bfloat16):
+        features = model.torso(x)
+        low = model.head(features)
+    assert set(layer_dtypes) == {torch.bfloat16}
+    assert features.dtype == low.dtype == torch.float32
+    # Same function to bfloat16 accuracy (8 mantissa bits per layer), not the same numbers.
+    assert not torch.equal(low, full)
+    torch.testing.assert_close(low, full, rtol=0.05, atol=0.05 * full.abs().max().item())
+    low.square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.dtype == torch.float32
+               for p in model.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.torso.parameters())
+    # Outside the block (acting, diagnostics) the torso is float32 again.
+    layer_dtypes.clear()
+    assert torch.equal(model(x), full) and set(layer_dtypes) == {torch.float32}
+    for handle in handles:
+        handle.remove()
+
+
+def test_torso_precision_none_is_a_no_op():
+    from plasticity.networks import torso_precision
+
+    model = QNetwork("nature_cnn")
+    x = torch.rand(4, *TORSOS["nature_cnn"])
+    outside = model(x)
+    with torso_precision(None):
+        inside = model(x)
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
