@@ -34,7 +34,7 @@ class CommonArgs:
     cuda: bool = torch.cuda.is_available()
     """train on CUDA (default: on when a CUDA device is present); --cuda without one is an error"""
     bf16: bool = False
-    """bfloat16 mixed precision: each update's torso forward/backward under autocast (~25% faster updates on CPUs with AVX512-BF16 and on GPUs); weights, optimizer, head, losses, acting and diagnostics stay float32"""
+    """bfloat16 mixed precision: each update's torso forward/backward under autocast (~28% faster updates on AVX512-BF16 CPUs; on CUDA needs bf16 support); weights, optimizer, head, losses, acting, diagnostics stay float32"""
     runs_dir: str = "runs"
     """folder that holds one sub-folder per run (TensorBoard files, config.json, checkpoint.pt)"""
     run_name: str = ""

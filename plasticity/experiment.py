@@ -322,6 +322,10 @@ class Run:
         self.tracker.mean("losses/td_loss", loss)
         self.tracker.mean("losses/q_values", q_taken.mean())
 
+    def mixed_precision(self):
+        """Context for an update's forward passes: the torsos compute in bfloat16 with --bf16, else a no-op."""
+        return torso_precision(torch.bfloat16 if self.args.bf16 else None)
+
     def end_iteration(self, global_step: int, obs: torch.Tensor, epsilon: float | None = None, step=None,
                       interventions=None) -> bool:
         """Periodic charts, log flush, NaN check, checkpoint on cadence or on request. False: stop the loop."""
@@ -391,10 +395,6 @@ class Run:
         write_status(self.run_dir, "completed", global_step, self.args.total_timesteps)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----
-    def mixed_precision(self):
-        """Context for an update's forward passes: the torsos compute in bfloat16 with --bf16, else a no-op."""
-        return torso_precision(torch.bfloat16 if self.args.bf16 else None)
-
     def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,
                  clip_range: tuple[float, float] | None = None) -> None:
         """Run the diagnostics whose cadence was crossed, on a probe batch from the replay buffer.
