@@ -37,7 +37,15 @@ from plasticity.checkpoint import (
 )
 from plasticity.config import ConfigError, resolve_family_defaults, run_tag, validate_common
 from plasticity.networks import torso_precision
-from plasticity.tracking import CONFIG_FILE, Tracker, args_to_dict, read_json, write_json, write_status
+from plasticity.tracking import (
+    CONFIG_FILE,
+    EVENT_FILE_PREFIX,
+    Tracker,
+    args_to_dict,
+    read_json,
+    write_json,
+    write_status,
+)
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
 
@@ -194,7 +202,7 @@ class Run:
             if (self.run_dir / CHECKPOINT_FILE).exists():
                 raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                                   "or choose another --run-name")
-            if any(self.run_dir.glob("events.out.tfevents.*")):
+            if any(self.run_dir.glob(EVENT_FILE_PREFIX + "*")):
                 raise ConfigError(f"{self.run_dir} holds the event files of a run that stopped before its first "
                                   "checkpoint; delete that folder or choose another --run-name")
         try:
