@@ -222,7 +222,7 @@ def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> N
     """Reject invalid values and combinations before any work starts (one clear message each)."""
     check(not args.cuda or torch.cuda.is_available(),
           "--cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU")
-    check(not (args.bf16 and args.cuda) or torch.cuda.is_bf16_supported(),
+    check(not (args.bf16 and args.cuda) or torch.cuda.is_bf16_supported(including_emulation=False),
           "--bf16 needs a GPU with bfloat16 support (compute capability 8.0+, e.g. A100/H100); "
           "run without --bf16 on this GPU")
     check(args.total_timesteps > 0, f"--total-timesteps must be positive, got {args.total_timesteps}")

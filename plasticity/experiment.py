@@ -129,6 +129,15 @@ def keep_freed_host_memory(mmap_threshold: int = 32 << 20, trim_threshold: int =
         return False
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); None where it cannot tell (not Linux)."""
+    try:
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def epsilon_greedy(q_values: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """Per-env: a uniformly random action with probability epsilon, else the greedy one (tensor ops only)."""
     num_envs, num_actions = q_values.shape
@@ -191,6 +200,9 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         self.device = torch.device("cuda" if args.cuda else "cpu")
         keep_freed_host_memory()
+        if args.bf16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+            print("note: this CPU has no native bfloat16 (avx512_bf16/amx_bf16): --bf16 is emulated and slower "
+                  "than float32 here; drop it", file=sys.stderr)
 
         if resumed_config is not None:
             self.run_dir = Path(args.resume)

@@ -244,7 +244,8 @@ def test_cuda_requested_without_a_device_is_a_clear_cli_error(tmp_path):
 def test_bf16_on_a_gpu_without_bfloat16_is_one_clear_error(tmp_path, monkeypatch):
     # What a V100 or T4 reports; the check runs before anything touches the device.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    # Emulated bfloat16 (a V100 casting) counts as unsupported: it would be slower than float32.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     args = dqn.Args(runs_dir=str(tmp_path), cuda=True, bf16=True, total_timesteps=100)
     with pytest.raises(ConfigError, match=r"--bf16 needs a GPU with bfloat16 support"):
         dqn.main(args)
@@ -380,3 +381,16 @@ def test_cuda_run_with_a_cpu_buffer_resumes(tmp_path, mnist_dir, monkeypatch):
                                  checkpoint_every=100))
     c51.main(c51.Args(resume=str(run_dir)))
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_bf16_on_a_cpu_without_native_bfloat16_says_it_will_be_slower(tmp_path, mnist_dir, monkeypatch, capsys):
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert experiment.cpu_has_native_bf16(str(flags)) is False
+    flags.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert experiment.cpu_has_native_bf16(str(flags)) is True
+    assert experiment.cpu_has_native_bf16(str(tmp_path / "absent")) is None
+
+    monkeypatch.setattr(experiment, "cpu_has_native_bf16", lambda: False)
+    run_agent(mdp_args("dqn", tmp_path / "runs", mnist_dir, bf16=True, total_timesteps=120))
+    assert "no native bfloat16" in capsys.readouterr().err
