@@ -12,7 +12,7 @@ and the image-MDP training SPS.
 
     python scripts/bench.py agents                       # CPU; --device cuda on a GPU machine
     python scripts/bench.py agents --steps 12000 --agents dqn
-    python scripts/bench.py agents --bf16                # also each agent with --bf16
+    python scripts/bench.py agents --bf16                # also each agent with --bf16, with and without methods
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
               f"with SWR+CBP+diagnostics {with_methods:.0f} ({100 * (base / with_methods - 1):.1f}% slower)")
         if args.bf16:
             low = measured_sps(agent, device, args.steps, args.learning_starts, bf16=True)
-            print(f"{agent}: training SPS with --bf16 {low:.0f} ({low / base:.2f}x float32)")
+            low_methods = measured_sps(agent, device, args.steps, args.learning_starts, bf16=True, **METHODS)
+            print(f"{agent}: training SPS with --bf16 {low:.0f} ({low / base:.2f}x float32); "
+                  f"with SWR+CBP+diagnostics {low_methods:.0f} ({100 * (low / low_methods - 1):.1f}% slower)")
     print(f"Atari replay: {bytes_per_atari_transition():.0f} bytes per stored transition "
           f"({bytes_per_atari_transition() * 1e6 / 1e9:.2f} GB for 1M)")
     if Path(args.mnist, "t10k-images-idx3-ubyte.gz").exists():
