@@ -125,6 +125,7 @@ class Tracker:
         self._start_time = time.perf_counter()
         self._start_step = start_step
         self._last_plain_line = 0.0
+        self._last_plain_step: int | None = None
         self._tty = sys.stderr.isatty()
         # Greedy accuracy over the last `accuracy_window` env steps of the current task (image MDP).
         slots = max(1, -(-accuracy_window // num_envs))
@@ -237,9 +238,12 @@ class Tracker:
                 f"SPS {rate:.0f} | return {recent} | ETA {eta_text}")
         if self._tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif time.perf_counter() - self._last_plain_line >= 30 or step >= self.total_timesteps:
+        elif step != self._last_plain_step and (time.perf_counter() - self._last_plain_line >= 30
+                                                 or step >= self.total_timesteps):
+            # A run's last step is flushed twice (last window, then finish): one line for it.
             print(line, file=sys.stderr, flush=True)
             self._last_plain_line = time.perf_counter()
+            self._last_plain_step = step
 
     def state_dict(self) -> dict:
         """Everything queued but not yet written, so a resumed run logs exactly what an uninterrupted one would."""

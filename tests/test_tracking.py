@@ -72,3 +72,14 @@ def test_an_event_file_dated_far_in_the_future_warns_instead_of_waiting(tmp_path
     assert time.monotonic() - started < 1.5
     error = capsys.readouterr().err
     assert "in the future" in error and "move that file away" in error
+
+
+def test_plain_progress_prints_the_last_step_once(tmp_path, capsys):
+    """Off a terminal the last step gets one line, though the run flushes it twice (window, finish)."""
+    tracker = Tracker(tmp_path / "run", {}, total_timesteps=100, log_every=50, device=torch.device("cpu"))
+    tracker._tty = False
+    for step in (50, 100, 100):
+        tracker.flush(step)
+    tracker.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["50/100", "100/100"], lines
