@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plasticity.networks import WEIGHT_LAYERS, ActivationRecorder, layer_map, reinit_
+from plasticity.networks import WEIGHT_LAYERS, ActivationRecorder, Torso, layer_map, reinit_
 from plasticity.rank import (
     condition_number,
     effective_rank,
@@ -398,6 +398,9 @@ class Diagnostics:
             raise ValueError("entk: actions must be an integer tensor [n] of the probe transitions' actions")
         obs, actions = obs[:entk_batch], actions.reshape(-1)[:entk_batch].long()
         network = copy.deepcopy(self.model).eval()
+        for module in network.modules():
+            if isinstance(module, Torso):  # vmap cannot copy into channels-last (Atari torsos)
+                module.use_default_layout_()
         params = {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
         buffers = dict(network.named_buffers())
 

@@ -62,6 +62,15 @@ class Torso(nn.Sequential):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def use_default_layout_(self) -> Torso:
+        """Keep weights and inputs in the default (NCHW) layout from now on, in place.
+
+        For copies run under ``torch.func`` transforms: ``vmap`` cannot make channels-last
+        copies of batched tensors (the eNTK's per-sample gradients).  Same values, same math.
+        """
+        self.channels_last = False
+        return self.to(memory_format=torch.contiguous_format)
+
     def scale_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels -> float32 in [0, 1], in this torso's layout.
 

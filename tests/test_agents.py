@@ -93,14 +93,15 @@ def test_image_mdp_run_with_every_toggle_writes_all_tags(agent, tmp_path, mnist_
 
 @pytest.mark.parametrize("agent", ["dqn", "c51"])
 def test_atari_run_with_every_toggle_writes_all_tags(agent, tmp_path):
-    toggles = {**ALL_TOGGLES, "entk_every": 0, "hessian_every": 0, "probe_every": 0}
+    # eNTK stays on: its vmap must cope with the channels-last Nature CNN (the Hessian and probe are slow here).
+    toggles = {**ALL_TOGGLES, "hessian_every": 0, "probe_every": 0}
     args = AGENTS[agent].Args(env_id="ALE/Breakout-v5", total_timesteps=400, learning_starts=200, buffer_size=500,
                               batch_size=8, diag_every=200, diag_batch=32, log_every=100, start_e=1.0, end_e=1.0,
                               runs_dir=str(tmp_path), run_name="atari", cuda=False, checkpoint_every=0,
                               **toggles)
     scalars = read_scalars(run_agent(args))
     assert COMMON_TAGS <= set(scalars)
-    assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS} <= set(scalars)
+    assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS | {"entk_effective_rank", "entk_cond"}} <= set(scalars)
     # Random play in Breakout loses 5 lives well within 400 agent steps: real game scores are logged.
     returns = scalars["charts/episodic_return"]
     assert returns and all(value >= 0 and value == int(value) for _, value in returns)

@@ -449,6 +449,26 @@ def test_entk_equals_explicit_jacobian_product(categorical):
     assert model.training and all(p.grad is None for p in model.parameters())
 
 
+class PixelQNetwork(QNetwork):
+    """The agents' Atari network: uint8 frame stacks, scaled by the torso, channels-last convs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(self.torso.scale_pixels(x)))
+
+
+def test_entk_of_the_channels_last_atari_network_equals_explicit_jacobian_product():
+    # vmap cannot copy a batched tensor into channels-last, which the Atari torso asks for.
+    torch.manual_seed(0)
+    model = PixelQNetwork(build_torso("nature_cnn", (4, 84, 84)))
+    assert model.torso.channels_last
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    actions = torch.tensor([0, 2, 1])
+    kernel = Diagnostics(model).entk_kernel(obs, actions)
+    torch.testing.assert_close(kernel.double(), explicit_ntk(model, obs, actions), rtol=1e-4, atol=1e-6)
+    # Only the diagnostic's copy changed layout: training keeps channels-last.
+    assert model.torso.channels_last and model.torso[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_entk_rejects_out_of_range_actions():
     diagnostics = Diagnostics(mlp_network())
     with pytest.raises(ValueError, match=r"actions must lie in \[0, 3\)"):
