@@ -126,6 +126,10 @@ def bytes_per_atari_transition(capacity: int = 100_000) -> float:
     return buffer.nbytes / capacity
 
 
+def _with_methods(sps: float, sps_with_methods: float) -> str:
+    return f"with SWR+CBP+diagnostics {sps_with_methods:.0f} ({100 * (sps / sps_with_methods - 1):.1f}% slower)"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -144,12 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{agent}: update {floor['update_ms']:.1f} ms, act {floor['act_ms']:.2f} ms, env step "
               f"{floor['env_step_ms']:.2f} ms -> floor {floor['floor_sps']:.0f} SPS")
         print(f"{agent}: training SPS {base:.0f} ({100 * base / floor['floor_sps']:.0f}% of floor); "
-              f"with SWR+CBP+diagnostics {with_methods:.0f} ({100 * (base / with_methods - 1):.1f}% slower)")
+              f"{_with_methods(base, with_methods)}")
         if args.bf16:
             low = measured_sps(agent, device, args.steps, args.learning_starts, bf16=True)
             low_methods = measured_sps(agent, device, args.steps, args.learning_starts, bf16=True, **METHODS)
             print(f"{agent}: training SPS with --bf16 {low:.0f} ({low / base:.2f}x float32); "
-                  f"with SWR+CBP+diagnostics {low_methods:.0f} ({100 * (low / low_methods - 1):.1f}% slower)")
+                  f"{_with_methods(low, low_methods)}")
     print(f"Atari replay: {bytes_per_atari_transition():.0f} bytes per stored transition "
           f"({bytes_per_atari_transition() * 1e6 / 1e9:.2f} GB for 1M)")
     if Path(args.mnist, "t10k-images-idx3-ubyte.gz").exists():
