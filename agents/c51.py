@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plasticity import experiment
-from plasticity.config import CommonArgs
+from agents.harness import experiment
+from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
 from plasticity.interventions import interventions_from_args
 from plasticity.losses import c51_atoms, c51_loss, c51_project

@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from plasticity import experiment
-from plasticity.config import CommonArgs
+from agents.harness import experiment
+from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
 from plasticity.interventions import interventions_from_args
 from plasticity.losses import (

@@ -18,9 +18,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import c51, dqn
-from plasticity import experiment
-from plasticity.checkpoint import NonFiniteLossError
-from plasticity.config import ConfigError
+from agents.harness import experiment
+from agents.harness.checkpoint import NonFiniteLossError
+from agents.harness.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = {"dqn": dqn, "c51": c51}

@@ -1,4 +1,4 @@
-"""scripts/bench_reference.py: the CleanRL-style loop the agents' speed-up is measured against."""
+"""scripts/benchmarks/bench_reference.py: the CleanRL-style loop the agents' speed-up is measured against."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("stable_baselines3", reason="the reference loop needs the bench extra: pip install -e '.[bench]'")
 pytest.importorskip("cv2", reason="gymnasium's ResizeObservation needs opencv: pip install -e '.[bench]'")
 
-from scripts import bench_reference  # noqa: E402
+from scripts.benchmarks import bench_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("agent", ["dqn", "c51"])

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and scripts/sweep.py: grid, names, commands, manifest, resume, failures, Ray.
+"""scripts/sweeps/benchmark.py and scripts/sweeps/sweep.py: grid, names, commands, manifest, resume, failures, Ray.
 
 The integration tests sweep the real agents (agents/dqn.py, agents/c51.py) on the
 image-classification MDP with tiny budgets; they skip when the MNIST test split
@@ -25,8 +25,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from scripts import benchmark
-from scripts.sweep import (
+from scripts.analysis.tbreader import load_run
+from scripts.sweeps import benchmark
+from scripts.sweeps.sweep import (
     CHECKPOINT_FILE,
     STATUS_FILE,
     load_sweep_file,
@@ -35,10 +36,9 @@ from scripts.sweep import (
     run_name,
     run_state,
 )
-from scripts.tbreader import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK = ROOT / "scripts" / "benchmark.py"
+BENCHMARK = ROOT / "scripts" / "sweeps" / "benchmark.py"
 AGENT_DIR = ROOT / "agents"
 
 #: A few hundred env steps of the image MDP: diagnostics, a task switch, checkpoints, episodes of 50 steps.

@@ -601,7 +601,7 @@ def test_cuda_probes_match_cpu():
 
 def test_benchmark_script_runs_end_to_end():
     """The cost benchmark (a script, not a timed test) still runs; its figures are in docs/."""
-    from scripts.bench_diagnostics import main
+    from scripts.benchmarks.bench_diagnostics import main
 
     results = main(["--device", "cpu", "--probe-batch", "16", "--repeats", "1", "--updates", "1", "--n-actions", "4",
                     "--n-atoms", "5"])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # mmap (handed back to the OS at free, page-faulted in again at the next allocation)?
 BLOCK_IN_HEAP = textwrap.dedent("""
     import sys, torch
-    from plasticity.experiment import keep_freed_host_memory
+    from agents.harness.experiment import keep_freed_host_memory
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory()
     block = torch.empty(5 << 20)  # 20 MB of float32

@@ -1,4 +1,4 @@
-"""scripts/plot.py and its modules: stats against their definitions, the event reader against TensorBoard's,
+"""scripts/analysis/plot.py and its modules: stats against their definitions, the event reader against TensorBoard's,
 grouping checks, Atari normalisation, and figures/tables of a real sweep checked against the event files."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from tb_reference import accumulate
 # The session's small sweep (dqn, variants base/ln, seeds 1-2), shared with tests/test_benchmark_sweep.py.
 from test_benchmark_sweep import run_small_sweep
 
-from scripts import atari_scores, plot, stats
-from scripts.groups import group_runs
-from scripts.tbreader import RunData, Series, find_run_dirs, load_run, load_runs, read_scalars
+from scripts.analysis import atari_scores, plot, stats
+from scripts.analysis.groups import group_runs
+from scripts.analysis.tbreader import RunData, Series, find_run_dirs, load_run, load_runs, read_scalars
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""scripts/reproduce.py and its helpers in scripts/stats.py: the per-task trend against its definition,
+"""scripts/sweeps/reproduce.py and its helpers in scripts/analysis/stats.py: the per-task trend against its definition,
 the expectation verdicts, bad input, and a smoke run of every study whose summary is checked against
 the event files read independently with TensorBoard's EventAccumulator."""
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from tb_reference import accumulate
 
-from scripts import reproduce, stats
-from scripts.tbreader import RunData, Series
+from scripts.analysis import stats
+from scripts.analysis.tbreader import RunData, Series
+from scripts.sweeps import reproduce
 
 # ---- stats: the per-task trend ----
 
@@ -123,7 +124,7 @@ def test_smoke_study_writes_figures_and_a_summary_from_the_event_files(name, tmp
     code = reproduce.main([name, "--smoke", "--workers", "2", "--data-dir", str(mnist_dir), "--sweep-dir",
                            str(sweep_dir), "--out-dir", str(out_dir), "--reps", "2000", "--curve-reps", "100"])
     assert code == 0, f"see the logs in {sweep_dir / 'logs'}"
-    assert (sweep_dir / "manifest.json").exists()  # it ran through scripts/benchmark.py
+    assert (sweep_dir / "manifest.json").exists()  # it ran through scripts/sweeps/benchmark.py
     for figure in ("accuracy.png", "diagnostics.png"):
         data = (out_dir / figure).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 300_000

@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from plasticity.tracking import Tracker, event_file_second
+from agents.harness.tracking import Tracker, event_file_second
 
 
 def interrupted_run(run_dir: Path, tmp_path: Path, second: int, last_step: int = 300) -> Path:

@@ -3,16 +3,16 @@
 Runs are found under the given folders (run folders or sweep folders), grouped
 by their config.json fields (``--group-by``; ``variant`` is the sweep's
 ``exp_name``), aligned on a common step grid, aggregated per group (mean or
-IQM) with 95% stratified-bootstrap confidence intervals (scripts/stats.py), one
+IQM) with 95% stratified-bootstrap confidence intervals (scripts/analysis/stats.py), one
 panel per tag, task switches (changes of ``charts/task_id``) marked.  With
 ``--table``: the aggregate of each run's final window (last ``--final-frac`` of
 its steps), as Markdown (stdout, ``--out``) and CSV (``--csv``).
 
-    python scripts/plot.py sweeps/ln_l2 --group-by variant \\
+    python scripts/analysis/plot.py sweeps/ln_l2 --group-by variant \\
         --tags charts/episodic_return plasticity/effective_rank 'plasticity/dead_frac/*' --out fig.png
-    python scripts/plot.py sweeps/ln_l2 --group-by variant --tags charts/task_final_accuracy \\
+    python scripts/analysis/plot.py sweeps/ln_l2 --group-by variant --tags charts/task_final_accuracy \\
         --table --csv final.csv
-    python scripts/plot.py sweeps/atari --group-by variant --human-normalized --aggregate iqm --table
+    python scripts/analysis/plot.py sweeps/atari --group-by variant --human-normalized --aggregate iqm --table
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/plot.py` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/analysis/plot.py` from a checkout
 
-from scripts import atari_scores, stats  # noqa: E402
-from scripts.groups import Group, group_runs  # noqa: E402
-from scripts.tbreader import RunData, load_runs  # noqa: E402
+from scripts.analysis import atari_scores, stats  # noqa: E402
+from scripts.analysis.groups import Group, group_runs  # noqa: E402
+from scripts.analysis.tbreader import RunData, load_runs  # noqa: E402
 
 TASK_ID_TAG = "charts/task_id"
 FIGURE_FORMATS = ("png", "svg", "pdf")

@@ -17,9 +17,9 @@ timed in isolation: each wrapper over a stub emulator that returns fixed arrays
 ``sample(32)`` on a buffer filled to capacity, and bytes per stored transition
 of both buffer layouts.
 
-    python scripts/bench_atari.py                                  # 1 and 8 envs, CPU
-    python scripts/bench_atari.py --threads 1 --clock process      # on a busy shared CPU
-    python scripts/bench_atari.py --num-envs 8 --capacity 1000000 --device cuda
+    python scripts/benchmarks/bench_atari.py                                  # 1 and 8 envs, CPU
+    python scripts/benchmarks/bench_atari.py --threads 1 --clock process      # on a busy shared CPU
+    python scripts/benchmarks/bench_atari.py --num-envs 8 --capacity 1000000 --device cuda
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import tyro
 from ale_py.vector_env import AtariVectorEnv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_atari.py` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/benchmarks/bench_atari.py` from a checkout
 
 from envs.atari import ALEInterfaceVectorEnv, AtariEnv, atari_game  # noqa: E402
 from envs.nonstationary_atari import NonstationaryAtariEnv  # noqa: E402

@@ -1,6 +1,6 @@
 """A benchmark sweep as data: its definition, the grid of runs, their names, commands, state and manifest.
 
-``scripts/benchmark.py`` executes what this module describes.  A sweep is the
+``scripts/sweeps/benchmark.py`` executes what this module describes.  A sweep is the
 product agents × env ids × variants × seeds; every run gets a deterministic
 name ``<env>__<agent>__<variant>__<seed>`` (the env id with ``/`` → ``_``, as the
 agents name their own runs), so re-running the same sweep finds its earlier
@@ -8,7 +8,7 @@ runs: completed ones are skipped, interrupted ones (a ``checkpoint.pt`` without
 a ``completed`` status) are resumed (spec agents.md "Outputs of one run").
 
 The variant name reaches the run's ``config.json`` as ``exp_name`` (the agents'
-``--exp-name``), so ``scripts/plot.py --group-by variant`` works on any run
+``--exp-name``), so ``scripts/analysis/plot.py --group-by variant`` works on any run
 folder without the manifest.
 """
 
@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_AGENT_DIR = PROJECT_ROOT / "agents"
 
 MANIFEST_FILE = "manifest.json"
 RUNS_SUBDIR = "runs"
 LOGS_SUBDIR = "logs"
-STATUS_FILE = "status.json"  # written by the agents (plasticity/tracking.py)
+STATUS_FILE = "status.json"  # written by the agents (agents/harness/tracking.py)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 #: Manifest states of one run.

@@ -14,9 +14,9 @@ train frequency 4, batch 32, Nature CNN).  Each run reports its SPS from learnin
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: stable-baselines3, opencv).
 
-    python scripts/bench.py reference                    # DQN and C51, 3 alternating pairs each
-    python scripts/bench.py reference --agents dqn --pairs 5
-    python scripts/bench.py reference --bf16             # also our agent with --bf16 in each round
+    python scripts/benchmarks/bench.py reference                    # DQN and C51, 3 alternating pairs each
+    python scripts/benchmarks/bench.py reference --agents dqn --pairs 5
+    python scripts/benchmarks/bench.py reference --bf16             # also our agent with --bf16 in each round
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.bench_agents import measured_sps
+from scripts.benchmarks.bench_agents import measured_sps
 
 CLEANRL = {  # CleanRL's defaults for the two scripts
     "dqn": dict(learning_rate=1e-4, target_network_frequency=1000),

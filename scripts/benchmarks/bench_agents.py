@@ -10,9 +10,9 @@ same process, the compute floor
 and reports the SPS as a fraction of 1/floor.  Then the bytes per stored Atari transition
 and the image-MDP training SPS.
 
-    python scripts/bench.py agents                       # CPU; --device cuda on a GPU machine
-    python scripts/bench.py agents --steps 12000 --agents dqn
-    python scripts/bench.py agents --bf16                # also each agent with --bf16, with and without methods
+    python scripts/benchmarks/bench.py agents                       # CPU; --device cuda on a GPU machine
+    python scripts/benchmarks/bench.py agents --steps 12000 --agents dqn
+    python scripts/benchmarks/bench.py agents --bf16                # also each agent with --bf16, with and without methods
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from envs.replay_buffer import make_replay_buffer
 from plasticity.losses import c51_atoms, c51_loss, c51_project, regression_loss
 
 AGENTS = {"dqn": dqn, "c51": c51}
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mnist"
 METHODS = dict(swr=0.01, cbp=True)  # + the default diagnostics cadence (diag_every 10k, 1024 probes)
 
 

@@ -25,9 +25,7 @@ import numpy as np
 import torch
 import tyro
 
-from envs.factory import AgentEnv, env_family
-from envs.replay_buffer import is_frame_stack, make_replay_buffer
-from plasticity.checkpoint import (
+from agents.harness.checkpoint import (
     CHECKPOINT_FILE,
     NonFiniteLossError,
     load_checkpoint,
@@ -35,9 +33,8 @@ from plasticity.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from plasticity.config import ConfigError, resolve_family_defaults, run_tag, validate_common
-from plasticity.networks import torso_precision
-from plasticity.tracking import (
+from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, validate_common
+from agents.harness.tracking import (
     CONFIG_FILE,
     EVENT_FILE_PREFIX,
     Tracker,
@@ -46,6 +43,9 @@ from plasticity.tracking import (
     write_json,
     write_status,
 )
+from envs.factory import AgentEnv, env_family
+from envs.replay_buffer import is_frame_stack, make_replay_buffer
+from plasticity.networks import torso_precision
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
 

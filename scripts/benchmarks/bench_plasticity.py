@@ -11,8 +11,8 @@ Each timing is the median (or mean, where said) over ``--repeats`` rounds after
 process's CPU time, so that other jobs on a shared machine do not distort it
 (single-threaded by default, where CPU time equals the work of the call).
 
-    python -m scripts.bench_plasticity                 # CPU, and CUDA when available
-    python -m scripts.bench_plasticity --devices cpu --layer-norm
+    python -m scripts.benchmarks.bench_plasticity                 # CPU, and CUDA when available
+    python -m scripts.benchmarks.bench_plasticity --devices cpu --layer-norm
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ env steps/s = num_envs x vector steps / s, with MNIST observations, for float32
 and uint8 observations, on the CPU and (when available) CUDA. Actions come from
 a pre-drawn bank on the env's device, so only the env is timed.
 
-    python scripts/bench_env.py                       # CPU (+ CUDA if present), 1 / 64 / 1024 envs
-    python scripts/bench_env.py --threads 2 --seconds 5 --num-envs 1024
+    python scripts/benchmarks/bench_env.py                       # CPU (+ CUDA if present), 1 / 64 / 1024 envs
+    python scripts/benchmarks/bench_env.py --threads 2 --seconds 5 --num-envs 1024
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/bench_env.py` from a checkout
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `python scripts/benchmarks/bench_env.py` from a checkout
 
 from envs.image_mdp import ImageMDPVectorEnv  # noqa: E402
 

@@ -7,11 +7,11 @@ start and finish.  Re-running the same command finishes the grid: completed
 runs are skipped, interrupted runs resume from their checkpoint, runs without a
 checkpoint start again.  Usage (docs/scripts.md has more):
 
-    python scripts/benchmark.py --agents dqn c51 --env-ids ImageMDP/mnist \\
+    python scripts/sweeps/benchmark.py --agents dqn c51 --env-ids ImageMDP/mnist \\
         --variants baseline= ln_l2="--layer-norm --l2 1e-5" --num-seeds 3 \\
         --common "--shift label_permutation --total-timesteps 100000" --sweep-dir sweeps/ln_l2
-    python scripts/benchmark.py --sweep-file sweep.toml --dry-run
-    python scripts/benchmark.py --sweep-file sweep.toml --backend ray --ray-address head-node:6379
+    python scripts/sweeps/benchmark.py --sweep-file sweep.toml --dry-run
+    python scripts/sweeps/benchmark.py --sweep-file sweep.toml --backend ray --ray-address head-node:6379
 
 Exit status: 0 when every run completed, 1 when any failed, 2 for a bad sweep
 definition, 130 when interrupted (re-run to continue).
@@ -32,9 +32,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/benchmark.py` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/sweeps/benchmark.py` from a checkout
 
-from scripts.sweep import (  # noqa: E402
+from scripts.sweeps.sweep import (  # noqa: E402
     PROJECT_ROOT,
     Manifest,
     RunSpec,

@@ -1,15 +1,15 @@
 """Reproduce the papers' effects at small scale (spec results.md, checks 1-4): a sweep, its figures, its summary.
 
-    python scripts/reproduce.py label-shuffle            # sweep into runs/reproduce/label-shuffle,
+    python scripts/sweeps/reproduce.py label-shuffle            # sweep into runs/reproduce/label-shuffle,
                                                          # figures + summary into docs/results/label-shuffle/
-    python scripts/reproduce.py cbp --smoke --workers 2  # 2 seeds, a few hundred steps (what CI runs)
-    python scripts/reproduce.py swr --analyze-only       # figures and summary again from the finished sweep
+    python scripts/sweeps/reproduce.py cbp --smoke --workers 2  # 2 seeds, a few hundred steps (what CI runs)
+    python scripts/sweeps/reproduce.py swr --analyze-only       # figures and summary again from the finished sweep
 
 Each study is a row of ``STUDIES``: its arms (sweep variants), its flags and size, the reasons for
 them, and the paper's expected direction as comparisons between arms.  Everything else is reused:
-the sweep runs through ``scripts/benchmark.py`` (resumable: re-running the same command continues
-an interrupted study), the figures are ``scripts/plot.py``'s, the numbers come from the event files
-(``scripts/tbreader.py``) with percentile-bootstrap CIs over seeds (``scripts/stats.py``).
+the sweep runs through ``scripts/sweeps/benchmark.py`` (resumable: re-running the same command continues
+an interrupted study), the figures are ``scripts/analysis/plot.py``'s, the numbers come from the event files
+(``scripts/analysis/tbreader.py``) with percentile-bootstrap CIs over seeds (``scripts/analysis/stats.py``).
 
 Numbers of the summary (``summary.json``, ``summary.md``), per arm:
 
@@ -39,12 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/reproduce.py` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/sweeps/reproduce.py` from a checkout
 
-from scripts import benchmark, plot, stats  # noqa: E402
-from scripts.groups import Group, group_runs  # noqa: E402
-from scripts.sweep import PROJECT_ROOT, Manifest  # noqa: E402
-from scripts.tbreader import RunData, load_runs  # noqa: E402
+from scripts.analysis import plot, stats  # noqa: E402
+from scripts.analysis.groups import Group, group_runs  # noqa: E402
+from scripts.analysis.tbreader import RunData, load_runs  # noqa: E402
+from scripts.sweeps import benchmark  # noqa: E402
+from scripts.sweeps.sweep import PROJECT_ROOT, Manifest  # noqa: E402
 
 ENV_ID = "ImageMDP/mnist"
 AGENT = "dqn"
@@ -276,7 +277,7 @@ SWR = Study(
 STUDIES: dict[str, Study] = {study.name: study for study in (LABEL_SHUFFLE, TARGET_MEAN, CBP, SWR)}
 
 
-# ---- running a study: one sweep through scripts/benchmark.py ----
+# ---- running a study: one sweep through scripts/sweeps/benchmark.py ----
 
 def sweep_argv(study: Study, size: Size, seeds: list[int], sweep_dir: Path, workers: int, data_dir: str,
                extra_flags: str = "") -> list[str]:
@@ -438,7 +439,7 @@ def ordered_groups(study: Study, runs: list[RunData]) -> list[Group]:
 # ---- figures and the Markdown page ----
 
 def write_figures(study: Study, runs: list[RunData], out_dir: Path, reps: int, dpi: int) -> list[Path]:
-    """accuracy.png (per-task final accuracy, accuracy) and diagnostics.png, with scripts/plot.py's figure code."""
+    """accuracy.png (per-task final accuracy, accuracy) and diagnostics.png, with scripts/analysis/plot.py's figure code."""
     groups = ordered_groups(study, runs)
     options = Namespace(aggregate="mean", num_points=200, smooth=1, reps=reps, confidence=0.95, seed=0,
                         human_normalized=False)
@@ -592,11 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data_dir = str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else ""
         run_argv = [arg for arg in argv if arg != "--analyze-only"]  # the command that runs the study
-        settings = {"command": shlex.join(["python", "scripts/reproduce.py", *run_argv]), "smoke": args.smoke,
+        settings = {"command": shlex.join(["python", "scripts/sweeps/reproduce.py", *run_argv]), "smoke": args.smoke,
                     "common": f"{study.common_flags(size)} {extra}".strip(), "seeds": seeds}
         if args.analyze_only:
             if not (sweep_dir / "runs").is_dir():
-                raise FileNotFoundError(f"no runs in {sweep_dir}; run `python scripts/reproduce.py {study.name}` "
+                raise FileNotFoundError(f"no runs in {sweep_dir}; run `python scripts/sweeps/reproduce.py {study.name}` "
                                         "first (without --analyze-only)")
         else:
             run_sweep(sweep_argv(study, size, seeds, sweep_dir, args.workers, data_dir, extra), sweep_dir)

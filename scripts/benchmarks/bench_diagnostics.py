@@ -11,9 +11,9 @@ updates only (no env steps, no acting), so the percentages are upper bounds.
 Rounds are interleaved (updates, one event, grad-norm calls) so that load from
 other processes hits both sides alike; medians are reported.
 
-    python scripts/bench_diagnostics.py                       # CPU, or CUDA when available
-    python scripts/bench_diagnostics.py --device cpu --rare   # also eNTK, Hessian, plasticity probe
-    python scripts/bench_diagnostics.py --device cpu --threads 1 --clock process   # on a busy shared CPU
+    python scripts/benchmarks/bench_diagnostics.py                       # CPU, or CUDA when available
+    python scripts/benchmarks/bench_diagnostics.py --device cpu --rare   # also eNTK, Hessian, plasticity probe
+    python scripts/benchmarks/bench_diagnostics.py --device cpu --threads 1 --clock process   # on a busy shared CPU
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_diagnostics.py` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/benchmarks/bench_diagnostics.py` from a checkout
 
 from plasticity.diagnostics import Diagnostics  # noqa: E402
 from plasticity.networks import build_torso  # noqa: E402

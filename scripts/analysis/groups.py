@@ -4,7 +4,7 @@ A group is the set of runs that share the values of the ``--group-by`` fields
 (seeds are the replicates).  Every other config field that changes what is
 measured must agree inside a group, or the aggregate would silently average two
 experiments; fields that only say where or how a run was executed may differ.
-``variant`` is the sweep's name for a run's ``exp_name`` (scripts/benchmark.py
+``variant`` is the sweep's name for a run's ``exp_name`` (scripts/sweeps/benchmark.py
 passes ``--exp-name <variant>``).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from scripts.tbreader import RunData
+from scripts.analysis.tbreader import RunData
 
 #: Names accepted by --group-by for config fields.
 FIELD_ALIASES = {"variant": "exp_name"}
