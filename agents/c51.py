@@ -20,18 +20,19 @@ from torch import nn
 from agents.harness import experiment
 from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
-from plasticity.interventions import interventions_from_args
+from plasticity.flags import POSITIVE, POSITIVE_COUNT, ranged
+from plasticity.interventions import Interventions
 from plasticity.losses import c51_atoms, c51_loss, c51_project
 from plasticity.networks import build_torso, default_network
 
 
 @dataclass
 class Args(CommonArgs):
-    learning_rate: float = 2.5e-4
+    learning_rate: float = ranged(2.5e-4, POSITIVE)
     """the learning rate of the optimizer"""
-    adam_eps: float = 0.01 / 32
+    adam_eps: float = ranged(0.01 / 32, POSITIVE)
     """Adam epsilon (CleanRL / Dopamine C51: 0.01 / batch size)"""
-    target_network_frequency: int = 10_000
+    target_network_frequency: int = ranged(10_000, POSITIVE_COUNT)
     """env steps between hard updates of the target network"""
 
 
@@ -54,74 +55,82 @@ class QNetwork(nn.Module):
         return (torch.softmax(self(x), dim=2) * self.atoms).sum(dim=2)
 
 
+def next_distribution(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
+    """Target-network return distribution of the greedy next action (online-chosen with --double-q)."""
+    next_pmfs = torch.softmax(target_network(batch.next_obs), dim=2)
+    chooser = q_network.q_values(batch.next_obs) if args.double_q else (next_pmfs * target_network.atoms).sum(dim=2)
+    return next_pmfs[torch.arange(len(next_pmfs), device=next_pmfs.device), chooser.argmax(dim=1)]
+
+
+def td_targets(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
+    """Scalar TD targets r + gamma * (1 - terminated) * E[Z'] (for the diagnostics)."""
+    expected_next = (next_distribution(q_network, target_network, batch, args) * q_network.atoms).sum(dim=1)
+    return batch.rewards + args.gamma * expected_next * (1.0 - batch.terminated.float())
+
+
+def td_loss(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy to the projected target distribution, and the Q-values of the taken actions."""
+    atoms = q_network.atoms
+    with torch.no_grad():
+        target_pmf = c51_project(next_distribution(q_network, target_network, batch, args), batch.rewards,
+                                 batch.terminated.float(), args.gamma, atoms)
+    logits = q_network(batch.obs)[torch.arange(len(batch.actions), device=atoms.device), batch.actions]
+    return c51_loss(logits, target_pmf), (torch.softmax(logits, dim=1) * atoms).sum(dim=1)
+
+
 def main(args: Args) -> None:
-    run = experiment.start(args, agent="c51", categorical=lambda args: True)
-    args, device, envs, rb = run.args, run.device, run.envs, run.buffer
+    experiment.resolve_args(args, agent="c51")  # --resume: the run's saved flags replace the command line's
+    with experiment.start(args, agent="c51", categorical=True) as run:
+        device, envs, rb = run.device, run.envs, run.buffer
+        atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
+        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+        target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
+        target_network.load_state_dict(q_network.state_dict())
+        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed,
+                                      setting=run.setting)
+        diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau, support=atoms, n_actions=envs.num_actions)
 
-    atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
-    q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)
-    diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau, support=atoms, n_actions=envs.num_actions)
+        global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
+                                     interventions=interventions, diagnostics=diagnostics)
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: put action logic here
+            epsilon = experiment.linear_schedule(args.start_e, args.end_e,
+                                                 args.exploration_fraction * args.total_timesteps, global_step)
+            with torch.no_grad():
+                q_values = q_network.q_values(obs)
+            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
 
-    def next_distribution(batch) -> torch.Tensor:
-        """Target-network return distribution of the greedy next action (online-chosen with --double-q)."""
-        next_pmfs = torch.softmax(target_network(batch.next_obs), dim=2)
-        chooser = q_network.q_values(batch.next_obs) if args.double_q else (next_pmfs * atoms).sum(dim=2)
-        return next_pmfs[torch.arange(len(next_pmfs), device=device), chooser.argmax(dim=1)]
+            # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
+            step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+            before, global_step = global_step, global_step + envs.num_envs
+            run.record(global_step, step)
+            rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
+            obs = step.obs
 
-    def td_targets(batch) -> torch.Tensor:
-        """Scalar TD targets r + gamma * (1 - terminated) * E[Z'] (for the diagnostics)."""
-        expected_next = (next_distribution(batch) * atoms).sum(dim=1)
-        return batch.rewards + args.gamma * expected_next * (1.0 - batch.terminated.float())
-
-    def td_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy to the projected target distribution, and the Q-values of the taken actions."""
-        with torch.no_grad():
-            target_pmf = c51_project(next_distribution(batch), batch.rewards, batch.terminated.float(),
-                                     args.gamma, atoms)
-        logits = q_network(batch.obs)[torch.arange(len(batch.actions), device=device), batch.actions]
-        return c51_loss(logits, target_pmf), (torch.softmax(logits, dim=1) * atoms).sum(dim=1)
-
-    global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
-                                 interventions=interventions, diagnostics=diagnostics)
-    while global_step < args.total_timesteps:
-        # ALGO LOGIC: put action logic here
-        epsilon = experiment.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
-                                             global_step)
-        with torch.no_grad():
-            q_values = q_network.q_values(obs)
-        actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
-
-        # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
-        step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
-        before, global_step = global_step, global_step + envs.num_envs
-        run.record(global_step, step)
-        rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
-        obs = step.obs
-
-        # ALGO LOGIC: training
-        for update in run.updates(before, global_step):
-            batch = rb.sample(args.batch_size)
-            with run.mixed_precision():  # --bf16: the torsos compute in bfloat16; head and loss stay float32
-                loss, q_taken = td_loss(batch)
-            run.log_update(loss, q_taken)
-            optimizer.zero_grad()
-            (loss + interventions.penalty()).backward()
-            diagnostics.record_grad_norm()
-            optimizer.step()
-            interventions.after_step(update, sample_obs=rb.sample_obs)
-        if global_step > args.learning_starts and experiment.crossed(before, global_step, args.target_network_frequency):
-            target_network.load_state_dict(q_network.state_dict())
-        if step.task_id != step.previous_task_id:
-            interventions.on_task_switch()
-        run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
-                     clip_range=(args.v_min, args.v_max))
-        if not run.end_iteration(global_step, obs, epsilon, step, interventions):
-            return
-    run.finish(global_step, obs)
+            # ALGO LOGIC: training
+            for update in run.updates(before, global_step):
+                batch = rb.sample(args.batch_size)
+                with run.mixed_precision():  # --bf16: the torsos compute in bfloat16; head and loss stay float32
+                    loss, q_taken = td_loss(q_network, target_network, batch, args)
+                run.log_update(loss, q_taken)
+                optimizer.zero_grad()
+                (loss + interventions.penalty()).backward()
+                diagnostics.record_grad_norm()
+                optimizer.step()
+                interventions.after_step(update, sample_obs=rb.sample_obs)
+            if global_step > args.learning_starts and experiment.crossed(before, global_step,
+                                                                         args.target_network_frequency):
+                target_network.load_state_dict(q_network.state_dict())
+            if step.task_id != step.previous_task_id:
+                interventions.on_task_switch()
+            run.diagnose(before, global_step, diagnostics,
+                         td_targets=lambda batch: td_targets(q_network, target_network, batch, args),
+                         td_loss=lambda batch: td_loss(q_network, target_network, batch, args)[0],
+                         clip_range=(args.v_min, args.v_max))
+            if not run.end_iteration(global_step, obs, epsilon, step, interventions):
+                return
+        run.finish(global_step, obs)
 
 
 if __name__ == "__main__":

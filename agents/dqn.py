@@ -21,7 +21,8 @@ from torch import nn
 from agents.harness import experiment
 from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
-from plasticity.interventions import interventions_from_args
+from plasticity.flags import POSITIVE, POSITIVE_COUNT, ranged
+from plasticity.interventions import Interventions
 from plasticity.losses import (
     CATEGORICAL_LOSSES,
     CategoricalSupport,
@@ -33,13 +34,13 @@ from plasticity.networks import build_torso, default_network
 
 @dataclass
 class Args(CommonArgs):
-    learning_rate: float = 1e-4
+    learning_rate: float = ranged(1e-4, POSITIVE)
     """the learning rate of the optimizer"""
-    target_network_frequency: int = 1000
+    target_network_frequency: int = ranged(1000, POSITIVE_COUNT)
     """env steps between hard updates of the target network"""
     loss: Literal["mse", "huber", "hl_gauss", "two_hot"] = "mse"
     """value loss: regression (mse, huber) or categorical over --n-atoms bins on [--v-min, --v-max]"""
-    hl_gauss_sigma: float = 0.75
+    hl_gauss_sigma: float = ranged(0.75, POSITIVE)
     """HL-Gauss: Gaussian width as a multiple of the bin width"""
 
 
@@ -64,75 +65,83 @@ class QNetwork(nn.Module):
         return out if self.support is None else self.support.expectation(out)
 
 
+def td_targets(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
+    """y = r + gamma * (1 - terminated) * Q_target(s', a'), a' greedy under the target (or online: double-Q)."""
+    next_q = target_network.q_values(batch.next_obs)
+    chooser = q_network.q_values(batch.next_obs) if args.double_q else next_q
+    next_value = next_q.gather(1, chooser.argmax(dim=1, keepdim=True)).squeeze(1)
+    return batch.rewards + args.gamma * next_value * (1.0 - batch.terminated.float())
+
+
+def td_loss(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value loss on Q(s, a) and the Q-values of the taken actions."""
+    with torch.no_grad():
+        targets = td_targets(q_network, target_network, batch, args)
+    out = q_network(batch.obs)
+    taken = out[torch.arange(len(batch.actions), device=out.device), batch.actions]
+    support = q_network.support
+    if support is None:
+        return regression_loss(args.loss, taken, targets), taken
+    target_probs = support.hl_gauss(targets) if args.loss == "hl_gauss" else support.two_hot(targets)
+    return categorical_cross_entropy(taken, target_probs), support.expectation(taken)
+
+
 def main(args: Args) -> None:
-    run = experiment.start(args, agent="dqn", categorical=lambda args: args.loss in CATEGORICAL_LOSSES)
-    args, device, envs, rb, categorical = run.args, run.device, run.envs, run.buffer, run.categorical
+    experiment.resolve_args(args, agent="dqn")  # --resume: the run's saved flags replace the command line's
+    categorical = args.loss in CATEGORICAL_LOSSES
+    with experiment.start(args, agent="dqn", categorical=categorical) as run:
+        device, envs, rb = run.device, run.envs, run.buffer
+        support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device,
+                                      sigma_ratio=args.hl_gauss_sigma) if categorical else None)
+        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # one kernel a step
+        target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
+        target_network.load_state_dict(q_network.state_dict())
+        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed,
+                                      setting=run.setting)
+        diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau,
+                                  support=support.centers if categorical else None, n_actions=envs.num_actions)
 
-    support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device, sigma_ratio=args.hl_gauss_sigma)
-               if categorical else None)
-    q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # one kernel per step
-    target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    interventions = interventions_from_args(args, q_network, optimizer, target_model=target_network)
-    diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau,
-                              support=support.centers if categorical else None, n_actions=envs.num_actions)
+        global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
+                                     interventions=interventions, diagnostics=diagnostics)
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: put action logic here
+            epsilon = experiment.linear_schedule(args.start_e, args.end_e,
+                                                 args.exploration_fraction * args.total_timesteps, global_step)
+            with torch.no_grad():
+                q_values = q_network.q_values(obs)
+            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
 
-    def td_targets(batch) -> torch.Tensor:
-        """y = r + gamma * (1 - terminated) * Q_target(s', a'), a' greedy under the target (or online: double-Q)."""
-        next_q = target_network.q_values(batch.next_obs)
-        chooser = q_network.q_values(batch.next_obs) if args.double_q else next_q
-        next_value = next_q.gather(1, chooser.argmax(dim=1, keepdim=True)).squeeze(1)
-        return batch.rewards + args.gamma * next_value * (1.0 - batch.terminated.float())
+            # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
+            step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+            before, global_step = global_step, global_step + envs.num_envs
+            run.record(global_step, step)
+            rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
+            obs = step.obs
 
-    def td_loss(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The value loss on Q(s, a) and the Q-values of the taken actions."""
-        with torch.no_grad():
-            targets = td_targets(batch)
-        out = q_network(batch.obs)
-        taken = out[torch.arange(len(batch.actions), device=device), batch.actions]
-        if not categorical:
-            return regression_loss(args.loss, taken, targets), taken
-        target_probs = support.hl_gauss(targets) if args.loss == "hl_gauss" else support.two_hot(targets)
-        return categorical_cross_entropy(taken, target_probs), support.expectation(taken)
-
-    global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
-                                 interventions=interventions, diagnostics=diagnostics)
-    while global_step < args.total_timesteps:
-        # ALGO LOGIC: put action logic here
-        epsilon = experiment.linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
-                                             global_step)
-        with torch.no_grad():
-            q_values = q_network.q_values(obs)
-        actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
-
-        # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
-        step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
-        before, global_step = global_step, global_step + envs.num_envs
-        run.record(global_step, step)
-        rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
-        obs = step.obs
-
-        # ALGO LOGIC: training
-        for update in run.updates(before, global_step):
-            batch = rb.sample(args.batch_size)
-            with run.mixed_precision():  # --bf16: the torsos compute in bfloat16; head and loss stay float32
-                loss, q_taken = td_loss(batch)
-            run.log_update(loss, q_taken)
-            optimizer.zero_grad()
-            (loss + interventions.penalty()).backward()
-            diagnostics.record_grad_norm()
-            optimizer.step()
-            interventions.after_step(update, sample_obs=rb.sample_obs)
-        if global_step > args.learning_starts and experiment.crossed(before, global_step, args.target_network_frequency):
-            target_network.load_state_dict(q_network.state_dict())
-        if step.task_id != step.previous_task_id:
-            interventions.on_task_switch()
-        run.diagnose(before, global_step, diagnostics, td_targets, lambda batch: td_loss(batch)[0],
-                     clip_range=(args.v_min, args.v_max) if categorical else None)
-        if not run.end_iteration(global_step, obs, epsilon, step, interventions):
-            return
-    run.finish(global_step, obs)
+            # ALGO LOGIC: training
+            for update in run.updates(before, global_step):
+                batch = rb.sample(args.batch_size)
+                with run.mixed_precision():  # --bf16: the torsos compute in bfloat16; head and loss stay float32
+                    loss, q_taken = td_loss(q_network, target_network, batch, args)
+                run.log_update(loss, q_taken)
+                optimizer.zero_grad()
+                (loss + interventions.penalty()).backward()
+                diagnostics.record_grad_norm()
+                optimizer.step()
+                interventions.after_step(update, sample_obs=rb.sample_obs)
+            if global_step > args.learning_starts and experiment.crossed(before, global_step,
+                                                                         args.target_network_frequency):
+                target_network.load_state_dict(q_network.state_dict())
+            if step.task_id != step.previous_task_id:
+                interventions.on_task_switch()
+            run.diagnose(before, global_step, diagnostics,
+                         td_targets=lambda batch: td_targets(q_network, target_network, batch, args),
+                         td_loss=lambda batch: td_loss(q_network, target_network, batch, args)[0],
+                         clip_range=support.clip_range(args.loss) if categorical else None)
+            if not run.end_iteration(global_step, obs, epsilon, step, interventions):
+                return
+        run.finish(global_step, obs)
 
 
 if __name__ == "__main__":

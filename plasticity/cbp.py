@@ -38,26 +38,29 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from plasticity.flags import COUNT, UNIT_INTERVAL, Range, ranged
+from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
 from plasticity.networks import ActivationRecorder, HiddenLayer
 from plasticity.resets import check_unit_norm, next_layer_columns, reinitialize_units_
 
 CBP_UTILITIES = ("contribution", "adaptable")
 
 
+REPLACEMENT_RATE = UNIT_INTERVAL
+MATURITY = COUNT
+DECAY = Range(low=0.0, high=1.0, high_open=True)
+
+
 def check_cbp_args(replacement_rate: float, maturity: int, decay: float, utility: str) -> None:
-    if not 0.0 <= replacement_rate <= 1.0:
-        raise ValueError(f"--cbp-replacement-rate must lie in [0, 1] (ρ, replacements per eligible unit per "
-                         f"step; 1e-4 typical); got {replacement_rate}")
-    if (isinstance(maturity, bool) or not isinstance(maturity, (int, float)) or not float(maturity).is_integer()
-            or maturity < 0):
-        raise ValueError(f"--cbp-maturity must be an integer >= 0 (steps before a unit may be replaced); "
-                         f"got {maturity!r}")
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"--cbp-decay must lie in [0, 1) (η of the running averages, 0.99 typical); got {decay}")
+    REPLACEMENT_RATE.check("cbp-replacement-rate", replacement_rate)
+    MATURITY.check("cbp-maturity", maturity)
+    DECAY.check("cbp-decay", decay)
     if utility not in CBP_UTILITIES:
         raise ValueError(f"unknown --cbp-utility {utility!r}; choose one of {', '.join(CBP_UTILITIES)}")
 
@@ -234,3 +237,49 @@ class ContinualBackprop:
     def remove(self) -> None:
         """Detach the activation hooks from the model."""
         self.recorder.remove()
+
+
+class CBPAfterUpdate(Intervention):
+    """Generate-and-test after every update; logs ``plasticity/cbp_replacements``."""
+
+    name = "cbp"
+
+    def __init__(self, cbp: ContinualBackprop):
+        self.cbp = cbp
+
+    def after_update(self, previous, update, sample_obs) -> None:
+        self.cbp.step()
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"plasticity/cbp_replacements": self.cbp.replacements.clone()}
+
+    def state_dict(self) -> dict:
+        return self.cbp.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cbp.load_state_dict(state)
+
+
+@dataclass
+class CBPFlags(MethodFlags):
+    cbp: bool = False
+    """Continual Backprop: replace low-utility mature hidden units after every update"""
+    cbp_replacement_rate: float = ranged(1e-4, REPLACEMENT_RATE)
+    """CBP: fraction of eligible units replaced per update (fractional counts accumulate)"""
+    cbp_maturity: int = ranged(100, MATURITY)
+    """CBP: updates a unit must age before it can be replaced"""
+    cbp_decay: float = ranged(0.99, DECAY)
+    """CBP: decay rate of the running utility and mean activation"""
+    cbp_utility: Literal["contribution", "adaptable"] = "contribution"
+    """CBP utility measure"""
+
+    def check(self, setting: Setting) -> None:
+        if self.cbp_utility not in CBP_UTILITIES:
+            raise ValueError(f"unknown --cbp-utility {self.cbp_utility!r}; choose one of {', '.join(CBP_UTILITIES)}")
+
+    def build(self, parts: Parts) -> CBPAfterUpdate | None:
+        if not self.cbp:
+            return None
+        return CBPAfterUpdate(ContinualBackprop(parts.model, parts.optimizer, self.cbp_replacement_rate,
+                                                int(self.cbp_maturity), self.cbp_decay, self.cbp_utility,
+                                                parts.generator))

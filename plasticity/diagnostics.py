@@ -8,7 +8,7 @@ Usage in an agent (tags are returned ready for ``writer.add_scalar``)::
     diagnostics.record_grad_norm()                                # before clipping
     optimizer.step()
     if step % args.diag_every == 0:
-        for tag, value in diagnostics.measure(obs, td_targets, clip_range=(v_min, v_max)).items():
+        for tag, value in diagnostics.measure(obs, td_targets, clip_range=support.clip_range(loss)).items():
             writer.add_scalar(tag, value, step)
 
 Cost rules (diagnostics.md): one probe forward in eval mode, one SVD of the
@@ -232,8 +232,13 @@ class Diagnostics:
             td_targets: TD targets of those transitions [n]; adds ``target_*``.
             actions: the transitions' actions [n]; only checked for length here
                 (``q_mean``/``q_std`` run over all actions) -- pass the same batch to ``entk``.
-            clip_range: (v_min, v_max) of a categorical support; adds
-                ``target_clip_frac`` (needs ``td_targets``).
+            clip_range: (low, high), the interval the categorical loss clamps its
+                targets to; adds ``target_clip_frac``, the fraction strictly outside
+                it (needs ``td_targets``).  Take it from the loss, not from the
+                support's ends: ``CategoricalSupport.clip_range(loss)`` gives
+                [v_min, v_max] for HL-Gauss and the outer bin centres
+                [v_min + ς/2, v_max − ς/2] for two-hot; C51 clips to its end atoms,
+                (v_min, v_max).
 
         Returns ``{tag: float}``.  ``grad_norm`` appears when ``record_grad_norm``
         ran since the previous event (the accumulator restarts here).
@@ -549,7 +554,7 @@ def _normalised(vectors: list[Tensor]) -> list[Tensor]:
 
 
 def _target_metrics(td_targets: Tensor, clip_range: tuple[float, float] | None) -> dict[str, Tensor]:
-    """ȳ, s_y, |ȳ| / (s_y + 1e-8) and the fraction of targets outside a categorical support."""
+    """ȳ, s_y, |ȳ| / (s_y + 1e-8) and the fraction of targets the loss clips (strictly outside ``clip_range``)."""
     targets = td_targets.detach().flatten().float()
     mean, std = targets.mean(), targets.std(correction=0)
     scalars = {

@@ -48,8 +48,11 @@ class CategoricalSupport:
 
     Edges e_0..e_N are evenly spaced with width ς, centres c_i = (e_i + e_{i+1}) / 2,
     and the HL-Gauss smoothing is σ = ``sigma_ratio`` · ς (0.75 by default,
-    Farebrother et al. 2024).  Targets are clipped to the support; log
-    ``clip_fraction`` as ``plasticity/target_clip_frac`` to see how often.
+    Farebrother et al. 2024).  Each loss clips its targets to the range it can
+    place (``clip_range(loss)``): HL-Gauss to the edges [v_min, v_max], two-hot
+    to the outer centres [c_0, c_{N-1}], half a bin inside.  Pass that range to
+    the diagnostics (``clip_range=support.clip_range(loss)``) so that
+    ``plasticity/target_clip_frac`` counts what the loss actually clips.
     """
 
     def __init__(self, v_min: float, v_max: float, n_bins: int, device: torch.device | str = "cpu",
@@ -58,8 +61,12 @@ class CategoricalSupport:
         if not sigma_ratio > 0:
             raise ValueError(f"sigma_ratio must be > 0 (σ = sigma_ratio · bin width); got {sigma_ratio}")
         self.v_min, self.v_max, self.n_bins = float(v_min), float(v_max), int(n_bins)
-        self.edges = torch.linspace(self.v_min, self.v_max, self.n_bins + 1, device=device)
-        self.centers = (self.edges[:-1] + self.edges[1:]) / 2
+        edges = torch.linspace(self.v_min, self.v_max, self.n_bins + 1)  # on the CPU: the same bins on every device
+        centers = (edges[:-1] + edges[1:]) / 2
+        # The outer centres as stored (float32): two-hot clamps to exactly these, so a target on c_{N-1} is kept.
+        self._clip_ranges = {"hl_gauss": (self.v_min, self.v_max),
+                             "two_hot": (centers[0].item(), centers[-1].item())}
+        self.edges, self.centers = edges.to(device), centers.to(device)
         self.bin_width = (self.v_max - self.v_min) / self.n_bins
         self.sigma = sigma_ratio * self.bin_width
 
@@ -79,9 +86,10 @@ class CategoricalSupport:
         """All mass on the two bins whose centres bracket y, linear in distance: Σ p_i c_i = y; ``[B] -> [B, N]``.
 
         Only values between the first and last centre can be represented
-        exactly, so y is clipped to [c_0, c_{N-1}] (half a bin inside the support).
+        exactly, so y is clipped to [c_0, c_{N-1}] (half a bin inside the support;
+        ``clip_range("two_hot")``).
         """
-        first_center, last_center = self.v_min + self.bin_width / 2, self.v_max - self.bin_width / 2
+        first_center, last_center = self._clip_ranges["two_hot"]
         y = y.clamp(first_center, last_center)
         position = (y - first_center) / self.bin_width
         lower = position.floor().clamp(0, self.n_bins - 2)
@@ -99,9 +107,25 @@ class CategoricalSupport:
                              f"{self.n_bins}; reshape the head output to [B, A, {self.n_bins}]")
         return torch.softmax(logits, dim=-1) @ self.centers
 
-    def clip_fraction(self, y: torch.Tensor) -> torch.Tensor:
-        """Fraction of targets outside [v_min, v_max] (``plasticity/target_clip_frac``); a 0-dim tensor."""
-        return ((y < self.v_min) | (y > self.v_max)).float().mean()
+    def clip_range(self, loss: str) -> tuple[float, float]:
+        """The interval ``loss`` clamps its targets to; targets strictly outside it are clipped.
+
+        ``hl_gauss``: [v_min, v_max], the outer bin edges (inside it, the Gaussian's
+        mass beyond the edges is dropped and the rest renormalised -- not counted
+        as clipping, though it pulls the represented mean inward within ~σ of an edge).
+        ``two_hot``: [c_0, c_{N-1}] = [v_min + ς/2, v_max − ς/2], the outer centres as
+        stored in ``centers``, so a target exactly on c_{N-1} is not clipped.
+        (C51 clips each atom r + γz_j to [z_0, z_{N-1}] = [v_min, v_max]; see ``c51_project``.)
+        """
+        if loss not in self._clip_ranges:
+            raise ValueError(f"clip_range: unknown categorical loss {loss!r}; choose one of "
+                             f"{', '.join(CATEGORICAL_LOSSES)} (C51 clips to [v_min, v_max])")
+        return self._clip_ranges[loss]
+
+    def clip_fraction(self, y: torch.Tensor, loss: str) -> torch.Tensor:
+        """Fraction of targets ``loss`` clips, i.e. outside ``clip_range(loss)``; a 0-dim tensor, no sync."""
+        low, high = self.clip_range(loss)
+        return ((y < low) | (y > high)).float().mean()
 
 
 def categorical_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -123,6 +147,12 @@ def c51_project(next_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Te
     Tz_j = clamp(r + γ(1−done) z_j, v_min, v_max), b = (Tz − v_min)/Δz; the mass of
     atom j goes to ⌊b⌋ with weight ⌈b⌉ − b and to ⌈b⌉ with weight b − ⌊b⌋; when
     b is an integer (⌊b⌋ = ⌈b⌉) all of it goes to that atom.
+
+    The clip range is [z_0, z_{N-1}] = [v_min, v_max] (the atoms include both
+    ends), so C51's ``target_clip_frac`` uses ``clip_range=(v_min, v_max)``.  On
+    the scalar target r + γ(1−done)E[Z'] it counts the targets whose mean the
+    projection must move; it is a lower bound on the transitions with some
+    atom clipped (r + γz_j can leave the support while the mean stays inside).
     """
     n_atoms = atoms.shape[0]
     if next_probs.ndim != 2 or next_probs.shape[1] != n_atoms:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,6 +163,24 @@ def build_torso(name: str, obs_shape: Sequence[int], layer_norm: bool = False,
             raise ValueError(f"--network cnn needs image observations (C, H, W); got shape {tuple(obs_shape)}")
         return small_cnn(obs_shape, layer_norm=layer_norm)
     raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
+
+
+def check_torso(name: str, obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256)) -> None:
+    """Raise ValueError when torso ``name`` cannot process observations of ``obs_shape``.
+
+    Built and run on the meta device: shapes only, no memory and no initialisation, so
+    it is free to call before anything else is built (e.g. the Nature CNN's three
+    convolutions shrink a 28x28 image to nothing).
+    """
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a layer of non-positive size warns before the forward says why
+        torso = build_torso(name, obs_shape, hidden_sizes=hidden_sizes)
+        try:
+            torso(torch.zeros((2, *obs_shape)))
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(f"--network {name} cannot process observations of shape {tuple(obs_shape)}: "
+                             f"{reason}") from None
 
 
 @dataclass(eq=False)

@@ -9,9 +9,13 @@ the "explicit loss term" reading of §2, not decoupled AdamW decay.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from plasticity.flags import NON_NEGATIVE, ranged
+from plasticity.intervention import Intervention, MethodFlags, Parts
 from plasticity.networks import WEIGHT_LAYERS
 
 
@@ -24,16 +28,11 @@ def regularized_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _check_coef(name: str, coef: float) -> None:
-    if not coef >= 0:
-        raise ValueError(f"--{name} must be >= 0 (0 turns it off); got {coef}")
-
-
 class L2Penalty:
     """(λ/2)·Σ‖W‖² over the weights and biases of the linear/conv layers (§2)."""
 
     def __init__(self, model: nn.Module, coef: float):
-        _check_coef("l2", coef)
+        NON_NEGATIVE.check("l2", coef)
         self.coef = float(coef)
         self.params = regularized_parameters(model)
 
@@ -49,7 +48,7 @@ class L2InitPenalty:
     """
 
     def __init__(self, model: nn.Module, coef: float):
-        _check_coef("l2-init", coef)
+        NON_NEGATIVE.check("l2-init", coef)
         self.coef = float(coef)
         self.params = regularized_parameters(model)
         self.initial = [p.detach().clone() for p in self.params]
@@ -68,3 +67,45 @@ class L2InitPenalty:
             raise ValueError("L2-Init state does not match this model's layers (a checkpoint of another network?)")
         for target, saved in zip(self.initial, initial):
             target.copy_(saved)
+
+
+class PenaltyTerm(Intervention):
+    """A penalty as an intervention: added to the loss, its last value logged under ``plasticity/<name>_penalty``."""
+
+    def __init__(self, name: str, penalty: L2Penalty | L2InitPenalty):
+        self.name, self.term = name, penalty
+        self.tag = f"plasticity/{name}_penalty"
+        self._last = torch.zeros((), device=penalty.params[0].device)
+
+    def penalty(self) -> torch.Tensor:
+        value = self.term()
+        self._last = value.detach()
+        return value
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {self.tag: self._last}
+
+    def state_dict(self) -> dict:
+        return self.term.state_dict() if isinstance(self.term, L2InitPenalty) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.term, L2InitPenalty):
+            self.term.load_state_dict(state)
+
+
+@dataclass
+class L2Flags(MethodFlags):
+    l2: float = ranged(0.0, NON_NEGATIVE)
+    """L2 penalty (lambda/2)*sum ||W||^2 added to the loss (norm layers excluded); 0 disables"""
+
+    def build(self, parts: Parts) -> PenaltyTerm | None:
+        return PenaltyTerm("l2", L2Penalty(parts.model, self.l2)) if self.l2 > 0 else None
+
+
+@dataclass
+class L2InitFlags(MethodFlags):
+    l2_init: float = ranged(0.0, NON_NEGATIVE)
+    """L2-Init penalty (lambda/2)*sum ||theta - theta0||^2 added to the loss; 0 disables"""
+
+    def build(self, parts: Parts) -> PenaltyTerm | None:
+        return PenaltyTerm("l2_init", L2InitPenalty(parts.model, self.l2_init)) if self.l2_init > 0 else None

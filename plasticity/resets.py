@@ -20,10 +20,13 @@ Dohare et al.'s AdamGnT does) would need a custom optimiser.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from plasticity.flags import COUNT, NON_NEGATIVE, POSITIVE_COUNT, UNIT_INTERVAL, Range, ranged
+from plasticity.intervention import Counter, Intervention, MethodFlags, Parts, Setting, crossed
 from plasticity.networks import (
     WEIGHT_LAYERS,
     ActivationRecorder,
@@ -110,6 +113,13 @@ def default_init_bound(layer: nn.Linear | nn.Conv2d) -> float:
     return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
 
+SNP_ALPHA = UNIT_INTERVAL
+REDO_TAU = NON_NEGATIVE
+AT_TASK_SWITCHES = -1
+HEAD_RESET_PERIOD = Range(low=0, integer=True, special=((AT_TASK_SWITCHES, "at every task switch"),))
+REDO_BATCH_SIZE = 256  # replay states per ReDo probe (default)
+
+
 @torch.no_grad()
 def shrink_and_perturb_(model: nn.Module, alpha: float, generator: torch.Generator | None = None,
                         optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -123,8 +133,7 @@ def shrink_and_perturb_(model: nn.Module, alpha: float, generator: torch.Generat
     cleared as for a head reset -- meant for a large α at a task switch; leave
     it out for a small α every few steps.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--snp (shrink & perturb α) must lie in [0, 1]; got {alpha}")
+    SNP_ALPHA.check("snp", alpha)
     for module in model.modules():
         if isinstance(module, WEIGHT_LAYERS):
             bound = default_init_bound(module)
@@ -164,8 +173,7 @@ class ReDo:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, tau: float,
                  generator: torch.Generator | None = None):
-        if not tau >= 0:
-            raise ValueError(f"--redo-tau must be >= 0 (0.1 recommended; 0 = exactly dead units); got {tau}")
+        REDO_TAU.check("redo-tau", tau)
         self.model, self.optimizer, self.tau, self.generator = model, optimizer, float(tau), generator
         self.layers = hidden_layers(model)
         for hidden in self.layers:
@@ -210,3 +218,144 @@ def reset_head_(model: nn.Module, optimizer: torch.optim.Optimizer | None, targe
         target_head.weight.copy_(head.weight)
         if head.bias is not None:
             target_head.bias.copy_(head.bias)
+
+
+# ---- the resets as interventions, and their flags ----
+
+class ShrinkAndPerturb(Intervention):
+    """S&P every ``every`` updates, or at task switches when ``every`` is 0; optimiser state is kept (§6)."""
+
+    name = "snp"
+
+    def __init__(self, model: nn.Module, alpha: float, every: int, generator: torch.Generator):
+        self.model, self.alpha, self.every, self.generator = model, alpha, every, generator
+        self.applications = Counter(next(model.parameters()).device)
+
+    def _apply(self) -> None:
+        shrink_and_perturb_(self.model, self.alpha, self.generator)
+        self.applications.add()
+
+    def after_update(self, previous, update, sample_obs) -> None:
+        if crossed(previous, update, self.every):
+            self._apply()
+
+    def on_task_switch(self) -> None:
+        if self.every == 0:
+            self._apply()
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"plasticity/snp_applications": self.applications.value()}
+
+    def state_dict(self) -> dict:
+        return {"applications": self.applications.value()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.applications.count.copy_(state["applications"])
+
+
+class PeriodicReDo(Intervention):
+    """ReDo every ``every`` updates on ``batch_size`` replay observations from ``sample_obs``."""
+
+    name = "redo"
+
+    def __init__(self, redo: ReDo, every: int, batch_size: int = REDO_BATCH_SIZE):
+        self.redo, self.every, self.batch_size = redo, every, batch_size
+        self.resets = Counter(next(redo.model.parameters()).device)
+
+    def after_update(self, previous, update, sample_obs) -> None:
+        if not crossed(previous, update, self.every):
+            return
+        if sample_obs is None:
+            raise ValueError("ReDo is on (--redo-every > 0): pass sample_obs, a function returning a batch of "
+                             "replay observations, to after_step")
+        self.resets.add(self.redo.reset(sample_obs(self.batch_size)))
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"plasticity/redo_resets": self.resets.value()}
+
+    def state_dict(self) -> dict:
+        return {"resets": self.resets.value()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resets.count.copy_(state["resets"])
+
+
+class HeadReset(Intervention):
+    """Head reset (and its target copy) every ``every`` updates, or at task switches when ``every`` is −1 (§8)."""
+
+    name = "reset_head"
+
+    def __init__(self, parts: Parts, every: int):
+        self.parts, self.every = parts, every
+        self.resets = Counter(next(parts.model.parameters()).device)
+
+    def _apply(self) -> None:
+        parts = self.parts
+        reset_head_(parts.model, parts.optimizer, parts.target_model, parts.generator)
+        self.resets.add()
+
+    def after_update(self, previous, update, sample_obs) -> None:
+        if crossed(previous, update, self.every):
+            self._apply()
+
+    def on_task_switch(self) -> None:
+        if self.every == AT_TASK_SWITCHES:
+            self._apply()
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"plasticity/head_resets": self.resets.value()}
+
+    def state_dict(self) -> dict:
+        return {"resets": self.resets.value()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resets.count.copy_(state["resets"])
+
+
+@dataclass
+class SnPFlags(MethodFlags):
+    snp: float = ranged(0.0, SNP_ALPHA)
+    """Shrink & Perturb: theta <- (1-a)*theta + a*fresh_init; 0 disables"""
+    snp_every: int = ranged(0, COUNT)
+    """S&P cadence in updates (0: at task switches)"""
+
+    def check(self, setting: Setting) -> None:
+        if self.snp_every > 0 and self.snp == 0:
+            raise ValueError("--snp-every needs --snp α > 0 (the shrink & perturb coefficient)")
+        if self.snp > 0 and self.snp_every == 0 and not setting.task_switches:
+            raise ValueError(f"--snp {self.snp:g} with --snp-every 0: S&P events act at task switches, and this run "
+                             "has none (on Atari: no --atari-shift); give a period in updates with --snp-every N")
+
+    def build(self, parts: Parts) -> ShrinkAndPerturb | None:
+        return ShrinkAndPerturb(parts.model, self.snp, self.snp_every, parts.generator) if self.snp > 0 else None
+
+
+@dataclass
+class ReDoFlags(MethodFlags):
+    redo_tau: float = ranged(0.1, REDO_TAU)
+    """ReDo dormancy threshold tau (0 means exactly dead units)"""
+    redo_every: int = ranged(0, COUNT)
+    """ReDo: reset dormant units every this many updates; 0 disables"""
+    redo_batch_size: int = ranged(REDO_BATCH_SIZE, POSITIVE_COUNT)
+    """ReDo: replay states its dormancy scores are computed on"""
+
+    def build(self, parts: Parts) -> PeriodicReDo | None:
+        # The default tau (0.1) alone does nothing: ReDo is on only with a period.
+        if self.redo_every == 0:
+            return None
+        return PeriodicReDo(ReDo(parts.model, parts.optimizer, self.redo_tau, parts.generator), self.redo_every,
+                            self.redo_batch_size)
+
+
+@dataclass
+class HeadResetFlags(MethodFlags):
+    reset_head_every: int = ranged(0, HEAD_RESET_PERIOD)
+    """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off"""
+
+    def check(self, setting: Setting) -> None:
+        if self.reset_head_every == AT_TASK_SWITCHES and not setting.task_switches:
+            raise ValueError("--reset-head-every -1: head resets act at task switches, and this run has none (on "
+                             "Atari: no --atari-shift); give a period in updates instead")
+
+    def build(self, parts: Parts) -> HeadReset | None:
+        return HeadReset(parts, self.reset_head_every) if self.reset_head_every != 0 else None

@@ -1,9 +1,9 @@
-"""Soft Weight Rescaling (Oh et al. 2025; spec methods.md §4).
+"""Soft Weight Rescaling (Oh et al. 2025; spec methods.md §4, amended by methods-v2.md §13).
 
 After every optimiser step each layer l, input to output, is pulled toward its
 initial norm:
 
-    c_l = (λ·‖W_l^0‖ + (1 − λ)·‖W_l‖) / ‖W_l‖,   W_l ← c_l·W_l,   b_l ← C_l·b_l
+    c_l = (λ_l·‖W_l^0‖ + (1 − λ_l)·‖W_l‖) / ‖W_l‖,   W_l ← c_l·W_l,   b_l ← C_l·b_l
 
 with C_l the running product of the c's since the last normalisation layer
 (a LayerNorm's γ is a weight, its β a bias, and the product restarts at it).
@@ -13,44 +13,76 @@ normalisation layer k.  That factor is returned by ``step()`` (RL note of §4:
 SWR rescales the online Q-values every step, the target network is not
 rescaled, so log it beside the Q-values).
 
+Coefficients (§13): λ_l is the torso's λ (``coef``, ``--swr``) except on the
+layers that set the output scale -- the final LayerNorm's (γ, β), when the
+LayerNorm closest to the output has affine weights, and the output layer --
+which use λ_h (``head_coef``, ``--swr-head``; default λ).  With LayerNorm and
+λ_h = 0, c_k = c_L = 1 and the running product restarts at the LN, so the head
+bias is scaled by 1 and the output is invariant (up to LN's ε): the LN absorbs
+the torso's rescaling and SWR only bounds the pre-LN norms.  Without LayerNorm
+the paper's rule applies with any λ_h: the output scales by Π_l c_l, c_L from λ_h.
+
+Categorical heads (C51, HL-Gauss, two-hot; Q = Σ_i softmax(z)_i·c_i): scaling
+the logits z by C is a change of softmax temperature, not a scaling of Q.  For
+C < 1 (the usual case once norms exceed their initial values) every action's
+distribution flattens, Q is pulled toward the centre of the support, and the
+greedy action can flip (§13.3: atoms (−10, 0, 10), logits A = (0, −100, 1),
+B = (−100, 0, −0.5): E_A = 4.62 > E_B = 3.78 at C = 1, but 0.50 < 4.87 at
+C = 0.1).  Hence the agents default λ_h = 0 for categorical losses with
+``--layer-norm`` (logits invariant), and require an explicit ``--swr-head``
+for categorical losses without it (then the logits scale by Π_l c_l, logged
+as ``plasticity/swr_logit_scale``).  Regression heads keep λ_h = λ.
+
 Cost (§4.4): one fused norm over all weights, a few tiny kernels for the
 factors, and one in-place multiply per tensor; no host-device synchronisation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from plasticity.flags import UNIT_INTERVAL, ranged
+from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
 from plasticity.networks import layer_map
 
-
-def _check_coef(name: str, coef: float) -> None:
-    if not 0.0 <= coef <= 1.0:
-        raise ValueError(f"--{name} must lie in [0, 1] (λ of soft weight rescaling, 0 = off); got {coef}")
+SWR_COEF = UNIT_INTERVAL  # λ of --swr and --swr-head
 
 
 class SoftWeightRescaling:
-    """SWR with coefficient ``coef`` on the torso and ``head_coef`` (default: ``coef``) on the output layer."""
+    """SWR with ``coef`` (λ) on the torso and ``head_coef`` (λ_h, default λ) on the layers that set the output scale.
+
+    Those are the output layer and, when the model has LayerNorm, every layer
+    from the final one on: in the networks of ``plasticity.networks`` that is the
+    final LayerNorm's γ and β and the output layer (methods-v2.md §13).
+    """
 
     def __init__(self, model: nn.Module, coef: float, head_coef: float | None = None):
-        _check_coef("swr", coef)
+        SWR_COEF.check("swr", coef)
         head_coef = coef if head_coef is None else head_coef
-        _check_coef("swr-head", head_coef)
+        SWR_COEF.check("swr-head", head_coef)
         layers = layer_map(model)
+        ordered = [module for _, module in layers.ordered]
+        output_at = ordered.index(layers.output)
+        norms_at = [i for i, module in enumerate(ordered[:output_at]) if isinstance(module, nn.LayerNorm)]
+        # The layers that set the output scale take λ_h: from the final LN on (its γ, β and the output layer
+        # in every network of plasticity.networks; a non-affine LN has no γ), or the output layer alone.
+        head_from = norms_at[-1] if norms_at else output_at
         weights: list[torch.Tensor] = []
         coefs: list[float] = []
         biases: list[torch.Tensor] = []
         bias_layer: list[int] = []  # index into `weights` of the layer each bias belongs to
         segment_start: list[int] = []  # per weight: index of the first layer of its segment (restart point)
         start = 0
-        for _, module in layers.ordered:
+        for position, module in enumerate(ordered):
             if isinstance(module, nn.LayerNorm):
                 start = len(weights)  # the running product restarts here (at c_k, or at 1 without affine γ)
                 if module.weight is None:
                     continue
             weights.append(module.weight)
-            coefs.append(head_coef if module is layers.output else coef)
+            coefs.append(head_coef if position >= head_from else coef)
             segment_start.append(start)
             if module.bias is not None:
                 biases.append(module.bias)
@@ -96,3 +128,51 @@ class SoftWeightRescaling:
                              " (a checkpoint of another network?)")
         self.init_norms.copy_(init_norms)
         self._pull = self.coefs * self.init_norms
+
+
+# ---- SWR as an intervention, and its flags ----
+
+
+class SWRAfterUpdate(Intervention):
+    """SWR after every update; logs the output scale (``swr_logit_scale`` for categorical heads, §13)."""
+
+    name = "swr"
+
+    def __init__(self, swr: SoftWeightRescaling, tag: str):
+        self.swr, self.tag = swr, tag
+
+    def after_update(self, previous, update, sample_obs) -> None:
+        self.swr.step()
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {self.tag: self.swr.last_scale}
+
+    def state_dict(self) -> dict:
+        return self.swr.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.swr.load_state_dict(state)
+
+
+@dataclass
+class SWRFlags(MethodFlags):
+    swr: float = ranged(0.0, SWR_COEF)
+    """Soft Weight Rescaling coefficient lambda in (0, 1], applied after every update; 0 disables"""
+    swr_head: float | None = ranged(None, SWR_COEF, optional=True)
+    """SWR coefficient of the output-scale layers (final LayerNorm and head); default: --swr for regression heads, 0 (not rescaled) for categorical ones"""
+
+    def check(self, setting: Setting) -> None:
+        if self.swr_head is not None and self.swr == 0:
+            raise ValueError("--swr-head needs --swr > 0")
+        if self.swr > 0 and setting.categorical and not setting.layer_norm and self.swr_head is None:
+            raise ValueError("--swr on a categorical head without --layer-norm rescales the logits, which changes "
+                             "the softmax temperature (and can change greedy actions): add --layer-norm, or give "
+                             "--swr-head explicitly (e.g. --swr-head 0 keeps the head's weights unscaled)")
+
+    def build(self, parts: Parts) -> SWRAfterUpdate | None:
+        if self.swr == 0:
+            return None
+        categorical = parts.setting.categorical
+        head_coef = self.swr_head if self.swr_head is not None else (0.0 if categorical else self.swr)
+        tag = "plasticity/swr_logit_scale" if categorical else "plasticity/swr_scale"
+        return SWRAfterUpdate(SoftWeightRescaling(parts.model, self.swr, head_coef), tag)

@@ -71,7 +71,8 @@ def test_image_mdp_run_with_every_toggle_writes_all_tags(agent, tmp_path, mnist_
             "charts/task_final_accuracy", "charts/task_return"} <= tags
     assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS | OPTIONAL_TAGS} <= tags
     assert "plasticity/target_clip_frac" in tags  # categorical losses log the clipped fraction
-    assert {"plasticity/swr_scale", "plasticity/cbp_replacements", "plasticity/redo_resets",
+    # Both heads here are categorical: SWR logs the factor it multiplies the logits by (spec methods-v2 §13).
+    assert {"plasticity/swr_logit_scale", "plasticity/cbp_replacements", "plasticity/redo_resets",
             "plasticity/head_resets", "plasticity/snp_applications", "plasticity/l2_penalty"} <= tags
     # Per-layer metrics carry the layer name (hidden blocks of the MLP torso).
     assert any(tag.startswith("plasticity/dead_frac/torso.") for tag in tags)
@@ -124,7 +125,7 @@ def test_bf16_updates_run_every_toggle_in_bfloat16_deterministically(agent, tmp_
     # 400 steps, learning after 100, an update every 4 steps: 75 updates, each in bfloat16.
     assert entered == [torch.bfloat16] * 75
     assert {f"plasticity/{name}" for name in DIAGNOSTIC_TAGS} <= set(low)
-    assert {"plasticity/cbp_replacements", "plasticity/redo_resets", "plasticity/swr_scale"} <= set(low)
+    assert {"plasticity/cbp_replacements", "plasticity/redo_resets", "plasticity/swr_logit_scale"} <= set(low)
     assert all(math.isfinite(value) for series in low.values() for _, value in series)
     again = read_scalars(run_agent(mdp_args(agent, tmp_path / "b", mnist_dir, bf16=True, **toggles)))
     assert comparable(again) == comparable(low)
@@ -219,7 +220,7 @@ def test_nan_loss_stops_with_a_clear_message_and_a_good_checkpoint(tmp_path, mni
 
 @pytest.mark.parametrize("agent, overrides, message", [
     ("c51", dict(v_min=5.0, v_max=5.0), "--v-min"),
-    ("dqn", dict(loss="hl_gauss", n_atoms=1), "--n-atoms >= 2"),
+    ("dqn", dict(loss="hl_gauss", n_atoms=1), "--n-atoms must be an integer >= 2"),
     ("dqn", dict(env_id="ALE/Breakout-v5", shift=["label_permutation"]), "--atari-shift"),
     ("dqn", dict(env_id="ImageMDP/mnist", atari_shift=["games"]), "--shift"),
     ("dqn", dict(env_id="ImageMDP/svhn"), "ImageMDP/mnist"),

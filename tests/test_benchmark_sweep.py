@@ -25,16 +25,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from agents.harness.run_folder import CHECKPOINT_FILE, STATUS_FILE, folder_state
 from scripts.analysis.tbreader import load_run
 from scripts.sweeps import benchmark
 from scripts.sweeps.sweep import (
-    CHECKPOINT_FILE,
-    STATUS_FILE,
     load_sweep_file,
     make_sweep,
     parse_variant,
     run_name,
-    run_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,19 +179,19 @@ def test_sweep_file_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_run_state_of_run_folders(tmp_path):
-    assert run_state(tmp_path / "absent") == "new"
+    assert folder_state(tmp_path / "absent") == "new"
     run = tmp_path / "run"
     run.mkdir()
     (run / STATUS_FILE).write_text(json.dumps({"status": "running", "global_step": 0}))
-    assert run_state(run) == "new"  # started, no checkpoint: nothing to resume
+    assert folder_state(run) == "new"  # started, no checkpoint: nothing to resume
     (run / CHECKPOINT_FILE).write_bytes(b"x")
-    assert run_state(run) == "resumable"
+    assert folder_state(run) == "resumable"
     (run / STATUS_FILE).write_text(json.dumps({"status": "interrupted", "global_step": 200}))
-    assert run_state(run) == "resumable"
+    assert folder_state(run) == "resumable"
     (run / STATUS_FILE).write_text("{truncated")
-    assert run_state(run) == "resumable"
+    assert folder_state(run) == "resumable"
     (run / STATUS_FILE).write_text(json.dumps({"status": "completed", "global_step": 400}))
-    assert run_state(run) == "completed"
+    assert folder_state(run) == "completed"
 
 
 def test_dry_run_shows_what_each_run_needs_and_takes_common_flags_verbatim(tmp_path, capsys):

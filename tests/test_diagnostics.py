@@ -22,6 +22,7 @@ from plasticity.diagnostics import (
     srank,
     stable_rank,
 )
+from plasticity.losses import CategoricalSupport
 from plasticity.networks import build_torso
 
 N_ACTIONS = 3
@@ -293,6 +294,22 @@ def test_target_stats_and_clip_fraction():
     assert result[tag("target_offset_ratio")] == pytest.approx(
         abs(targets.mean().item()) / (targets.std(correction=0).item() + 1e-8))
     assert result[tag("target_clip_frac")] == pytest.approx(2 / 6)  # the support's ends are inside it
+
+
+def test_target_clip_frac_reports_what_two_hot_clips():
+    """Two-hot clips to the outer bin centres, not to [v_min, v_max]: 109.9 on [0, 110] with 51 bins is clipped."""
+    support = CategoricalSupport(0.0, 110.0, 51)
+    last = support.centers[-1].item()  # 108.92
+    targets = torch.tensor([109.9, 50.0, last, support.centers[0].item(), 1.0, 0.5])
+    diagnostics = Diagnostics(mlp_network())
+
+    def clip_frac(loss):
+        result = diagnostics.measure(probe_obs(6), td_targets=targets, clip_range=support.clip_range(loss))
+        return result[tag("target_clip_frac")]
+
+    assert clip_frac("two_hot") == pytest.approx(3 / 6)  # 109.9, 1.0 and 0.5 lie outside [1.08, 108.92]
+    assert clip_frac("hl_gauss") == 0.0  # all inside the edges [0, 110]
+    assert clip_frac("two_hot") == pytest.approx(support.clip_fraction(targets, "two_hot").item())
 
 
 def test_target_mean_makes_features_ill_conditioned():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from plasticity.interventions import Interventions, generator_seed, interventions_from_args
+from plasticity.interventions import InterventionFlags, Interventions, generator_seed
 from plasticity.networks import build_torso
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,7 +61,7 @@ def test_enabled_names_and_scalars_are_device_tensors():
     model, _, _, interventions = _setup(l2=1e-4, l2_init=1e-3, swr=0.1, cbp=True, snp=0.5, redo_every=10,
                                         reset_head_every=-1)
     assert interventions.active
-    assert interventions.enabled == ("l2", "l2_init", "swr", "cbp", "snp", "redo", "reset_head")
+    assert interventions.enabled == ("l2", "l2_init", "cbp", "swr", "snp", "redo", "reset_head")
     scalars = interventions.scalars()
     assert set(scalars) == {"plasticity/l2_penalty", "plasticity/l2_init_penalty", "plasticity/swr_scale",
                             "plasticity/cbp_replacements", "plasticity/redo_resets",
@@ -90,7 +90,9 @@ def test_penalty_is_l2_plus_l2_init_and_is_logged():
 
 
 @dataclass
-class Args:
+class Args(InterventionFlags):
+    """An agent's Args: every method's flags inherited, some defaults changed, other fields beside them."""
+
     seed: int = 3
     learning_rate: float = 1e-4  # not an intervention: ignored
     l2: float = 1e-5
@@ -105,20 +107,27 @@ class Args:
 def test_redo_threshold_alone_leaves_redo_off():
     """The agents' flags default to --redo-tau 0.1 with --redo-every 0: that is ReDo off, not an error."""
     _, _, _, interventions = _setup(redo_tau=0.1, redo_every=0)
-    assert interventions.redo is None and not interventions.active
+    assert "redo" not in interventions.methods and not interventions.active
 
 
-def test_from_args_reads_fields_by_name_and_keeps_defaults_for_missing_ones():
+def test_flags_object_builds_the_methods_it_enables_with_its_values():
     model = QNetwork()
     optimizer = torch.optim.Adam(model.parameters())
     target = copy.deepcopy(model)
-    interventions = interventions_from_args(Args(), model, optimizer, target_model=target)
-    assert interventions.enabled == ("l2", "swr", "cbp", "snp", "reset_head")
-    assert interventions.l2.coef == 1e-5 and interventions.swr.coef == 0.01 and interventions.swr.head_coef == 0.01
-    assert interventions.cbp.maturity == 1000 and interventions.cbp.utility == "adaptable"
-    assert interventions.cbp.replacement_rate == 1e-4 and interventions.cbp.decay == 0.99  # defaults
-    assert interventions.snp_every == 0 and interventions.target_model is target
+    args = Args()
+    interventions = Interventions(model, optimizer, args, target_model=target, seed=args.seed)
+    assert interventions.enabled == ("l2", "cbp", "swr", "snp", "reset_head")  # the order of events
+    methods = interventions.methods
+    assert methods["l2"].term.coef == 1e-5
+    assert methods["swr"].swr.coef == 0.01 and methods["swr"].swr.head_coef == 0.01
+    assert methods["cbp"].cbp.maturity == 1000 and methods["cbp"].cbp.utility == "adaptable"
+    assert methods["cbp"].cbp.replacement_rate == 1e-4 and methods["cbp"].cbp.decay == 0.99  # defaults
+    assert methods["snp"].every == 0 and interventions.target_model is target
     assert torch.equal(interventions.generator.get_state(), torch.Generator().manual_seed(generator_seed(3)).get_state())
+    with pytest.raises(TypeError, match="not both"):
+        Interventions(model, optimizer, args, l2=1.0)
+    with pytest.raises(TypeError):
+        Interventions(model, optimizer, learning_rate=1e-3)  # not a method's flag
 
 
 def test_generator_is_not_the_stream_that_drew_the_initial_weights():
@@ -139,12 +148,12 @@ def test_periodic_methods_fire_when_a_multiple_is_crossed():
     fired_snp, fired_head = [], []
     for step in range(4, 44, 4):
         _update(model, optimizer, interventions, generator)
-        snp_before = interventions.snp_applications.item()
-        head_before = interventions.head_resets.item()
+        snp_before = interventions.methods["snp"].applications.count.item()
+        head_before = interventions.methods["reset_head"].resets.count.item()
         interventions.after_step(step)
-        if interventions.snp_applications.item() > snp_before:
+        if interventions.methods["snp"].applications.count.item() > snp_before:
             fired_snp.append(step)
-        if interventions.head_resets.item() > head_before:
+        if interventions.methods["reset_head"].resets.count.item() > head_before:
             fired_head.append(step)
             assert torch.equal(target.head.weight, model.head.weight)
     assert fired_snp == [12, 20, 32, 40]
@@ -161,7 +170,7 @@ def test_task_switch_methods():
     interventions.on_task_switch()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert torch.equal(target.head.weight, model.head.weight)
-    assert interventions.snp_applications.item() == 1 and interventions.head_resets.item() == 1
+    assert interventions.methods["snp"].applications.count.item() == 1 and interventions.methods["reset_head"].resets.count.item() == 1
 
 
 def test_redo_runs_on_sampled_replay_states():
@@ -197,7 +206,7 @@ def test_cbp_runs_before_swr_so_swr_scales_the_corrected_network_exactly():
     with torch.no_grad():
         before = model(x)
     interventions.after_step(1)
-    assert sorted(interventions.cbp.last_replaced["torso.1"].tolist()) == [2, 7]
+    assert sorted(interventions.methods["cbp"].cbp.last_replaced["torso.1"].tolist()) == [2, 7]
     scale = interventions.scalars()["plasticity/swr_scale"]
     assert abs(scale.item() - 1) > 0.05
     with torch.no_grad():
@@ -234,7 +243,7 @@ def test_checkpoint_resume_continues_identically(tmp_path):
     generator = torch.Generator().set_state(checkpoint["data"])
     _run(resumed, resumed_target, resumed_optimizer, resumed_interventions, range(13, 25), generator)
 
-    assert interventions.cbp.total_replacements > 0 and interventions.head_resets.item() == 2
+    assert interventions.methods["cbp"].cbp.total_replacements > 0 and interventions.methods["reset_head"].resets.count.item() == 2
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(target.parameters(), resumed_target.parameters()):
@@ -269,7 +278,7 @@ def test_every_reset_keeps_parameters_in_the_optimiser():
     (dict(cbp_decay=1.0), "--cbp-decay"), (dict(snp=2.0), "--snp "), (dict(snp_every=-1), "--snp-every"),
     (dict(snp_every=10), "--snp-every needs --snp"), (dict(redo_tau=-0.1), "--redo-tau"),
 (dict(redo_every=-3), "--redo-every"),
-    (dict(redo_batch_size=0), "--redo-batch-size"), (dict(reset_head_every=-2), "--reset-head-every")])
+    (dict(redo_batch_size=0), "--redo-batch-size"), (dict(cbp_decay=float('nan')), "--cbp-decay"), (dict(reset_head_every=-2), "--reset-head-every")])
 def test_invalid_flags_give_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _setup(**kwargs)
@@ -291,4 +300,4 @@ def test_all_methods_on_cuda():
     scalars = interventions.scalars()
     assert all(v.device.type == "cuda" for v in scalars.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert interventions.cbp.total_replacements > 0
+    assert interventions.methods["cbp"].cbp.total_replacements > 0

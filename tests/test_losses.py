@@ -89,9 +89,41 @@ def test_expectation_and_clip_fraction():
     peaked[..., 7] = 0.0
     torch.testing.assert_close(support.expectation(peaked), torch.full((2, 3), 7.5))
     torch.testing.assert_close(support.expectation(torch.zeros(4, 10)), torch.full((4,), 5.0))
-    assert support.clip_fraction(torch.tensor([-1.0, 0.0, 5.0, 10.0, 10.5])).item() == pytest.approx(0.4)
+    y = torch.tensor([-1.0, 0.0, 5.0, 10.0, 10.5])
+    assert support.clip_fraction(y, "hl_gauss").item() == pytest.approx(0.4)  # the edges 0 and 10 are kept
+    assert support.clip_fraction(y, "two_hot").item() == pytest.approx(0.8)  # only 5.0 is inside [0.5, 9.5]
     with pytest.raises(ValueError, match="bins in the last dimension"):
         support.expectation(torch.zeros(4, 11))
+
+
+def test_clip_range_is_what_each_loss_clamps_to():
+    """Two-hot clips to the outer centres, HL-Gauss to the edges: y = 109.9 on [0, 110] is clipped by two-hot only."""
+    support = CategoricalSupport(0.0, 110.0, 51)
+    first, last = support.clip_range("two_hot")
+    assert (first, last) == (support.centers[0].item(), support.centers[-1].item())
+    assert last == pytest.approx(110 - 110 / 102)  # half a bin inside v_max
+    assert support.clip_range("hl_gauss") == (0.0, 110.0)
+    y = torch.tensor([109.9])
+    assert support.clip_fraction(y, "two_hot").item() == 1.0 and support.clip_fraction(y, "hl_gauss").item() == 0.0
+    assert (support.two_hot(y) @ support.centers).item() == pytest.approx(last)  # the loss does move it
+    on_centres = support.centers[[0, 25, -1]]
+    assert support.clip_fraction(on_centres, "two_hot").item() == 0.0  # exactly on the outer centres: kept
+    torch.testing.assert_close(support.two_hot(on_centres) @ support.centers, on_centres)
+    with pytest.raises(ValueError, match="unknown categorical loss"):
+        support.clip_range("c51")
+
+
+def test_two_hot_clip_fraction_counts_exactly_the_targets_two_hot_moves():
+    support = CategoricalSupport(-10.0, 110.0, 51)
+    y = torch.cat([torch.linspace(-15.0, 115.0, 2001), support.centers[[0, -1]],
+                   support.centers[[0, -1]].nextafter(torch.tensor([-math.inf, math.inf]))])
+    low, high = support.clip_range("two_hot")
+    outside = (y < low) | (y > high)
+    torch.testing.assert_close(support.two_hot(y), support.two_hot(y.clamp(low, high)), rtol=0, atol=0)
+    kept = ((support.two_hot(y[~outside]) @ support.centers) - y[~outside]).abs()
+    assert kept.max() < 1e-4  # inside the range two-hot represents y (float32 rounding)
+    assert outside.any() and support.clip_fraction(y, "two_hot").item() == pytest.approx(outside.float().mean().item())
+    assert outside[-2:].all() and not outside[-4:-2].any()  # one float past an outer centre is clipped, on it is not
 
 
 @pytest.mark.parametrize("args, match", [((1.0, 1.0, 10), "v_min < v_max"), ((2.0, 1.0, 10), "v_min < v_max"),
@@ -219,7 +251,9 @@ def test_losses_on_cuda_match_cpu():
     cpu, cuda = CategoricalSupport(-10, 110, 51), CategoricalSupport(-10, 110, 51, device="cuda")
     torch.testing.assert_close(cuda.hl_gauss(y.cuda()).cpu(), cpu.hl_gauss(y), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(cuda.two_hot(y.cuda()).cpu(), cpu.two_hot(y), atol=1e-6, rtol=1e-5)
-    assert cuda.clip_fraction(y.cuda()).device.type == "cuda"
+    assert cuda.clip_fraction(y.cuda(), "two_hot").device.type == "cuda"
+    assert cuda.clip_range("two_hot") == cpu.clip_range("two_hot")
+    assert torch.equal(cuda.centers.cpu(), cpu.centers)
     atoms = c51_atoms(-10, 10, 51)
     probs, rewards, dones = torch.softmax(torch.randn(32, 51), -1), torch.randn(32), (torch.rand(32) < 0.2).float()
     projected = c51_project(probs.cuda(), rewards.cuda(), dones.cuda(), 0.99, atoms.cuda())

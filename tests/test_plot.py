@@ -18,6 +18,7 @@ from tb_reference import accumulate
 # The session's small sweep (dqn, variants base/ln, seeds 1-2), shared with tests/test_benchmark_sweep.py.
 from test_benchmark_sweep import run_small_sweep
 
+from agents.harness.run_folder import COMPLETED, Status
 from scripts.analysis import atari_scores, plot, stats
 from scripts.analysis.groups import group_runs
 from scripts.analysis.tbreader import RunData, Series, find_run_dirs, load_run, load_runs, read_scalars
@@ -195,7 +196,7 @@ def test_find_run_dirs_and_its_errors(tmp_path):
 def _run(name, **config) -> RunData:
     base = {"agent": "dqn", "env_id": "ImageMDP/mnist", "exp_name": "base", "seed": 1, "total_timesteps": 400,
             "layer_norm": False, "run_name": name, "runs_dir": "runs"}
-    return RunData(path=Path(name), config={**base, **config}, status={"status": "completed"},
+    return RunData(path=Path(name), config={**base, **config}, status=Status(COMPLETED, 2, 2, 0.0),
                    scalars={"x": Series(np.array([1, 2]), np.array([1.0, 2.0]))}, tags=("x",), last_step=2)
 
 

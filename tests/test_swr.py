@@ -1,10 +1,13 @@
-"""Soft Weight Rescaling against methods.md §4 (properties 4.1-4.4)."""
+"""Soft Weight Rescaling against methods.md §4 (properties 4.1-4.4) and methods-v2.md §13 (13.1-13.3)."""
+
+import math
 
 import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from plasticity.losses import CategoricalSupport
 from plasticity.networks import layer_map, mlp, small_cnn
 from plasticity.swr import SoftWeightRescaling
 
@@ -34,12 +37,19 @@ def _perturb_(model, seed=1):
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+def _head_from(model):
+    """Index in ``layer_map(model).ordered`` of the first layer that takes λ_h: the final LN, else the output layer."""
+    ordered = [m for _, m in layer_map(model).ordered]
+    norms = [i for i, m in enumerate(ordered) if isinstance(m, nn.LayerNorm)]
+    return norms[-1] if norms else len(ordered) - 1
+
+
 def _reference_step(model, init_norms, coef, head_coef):
-    """§4 read literally, in float64: returns ({param: expected value}, output scale)."""
+    """§4 with §13's coefficients, read literally, in float64: returns ({param: expected value}, output scale)."""
     layers = layer_map(model)
-    expected, running = {}, 1.0
-    for (_, module), norm0 in zip(layers.ordered, init_norms):
-        lam = head_coef if module is layers.output else coef
+    expected, running, head_from = {}, 1.0, _head_from(model)
+    for index, ((_, module), norm0) in enumerate(zip(layers.ordered, init_norms)):
+        lam = head_coef if index >= head_from else coef  # §13: the final LN's (γ, β) and the output layer
         norm = module.weight.detach().double().norm()
         c = (lam * norm0 + (1 - lam) * norm) / norm
         running = c if isinstance(module, nn.LayerNorm) else running * c  # restart at a normalisation layer
@@ -91,7 +101,7 @@ def test_property_4_1_with_layer_norm_outputs_scale_from_the_final_norm_layer(bu
     ordered = [m for _, m in layer_map(model).ordered]
     final_norm = max(i for i, m in enumerate(ordered) if isinstance(m, nn.LayerNorm))
     norms = torch.stack([m.weight.detach().norm() for m in ordered])
-    coefs = torch.tensor([0.3] * (len(ordered) - 1) + [0.2])
+    coefs = torch.tensor([0.3] * final_norm + [0.2] * (len(ordered) - final_norm))  # §13: λ_h from the final LN on
     factors = (coefs * swr.init_norms + (1 - coefs) * norms) / norms
     before = model(x).detach()
     scale = swr.step()
@@ -224,3 +234,146 @@ def test_swr_on_cuda_matches_cpu_without_sync():
     assert abs(scale.item() - 1) > 0.05
     for p, q in zip(model.parameters(), cuda_model.parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- methods-v2.md §13: categorical heads ------------------------------------------------------------------------
+
+N_ATOMS = 7
+
+
+def _logit_model(layer_norm, seed=0):
+    """An MLP torso and a linear head producing logits over N_ATOMS bins for 3 actions."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*mlp((6,), (16, 16), layer_norm=layer_norm), nn.Linear(16, 3 * N_ATOMS))
+
+
+def _grow_(model, factor=3.0):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+
+
+def _factors_by_hand(model, init_norms, coef, head_coef):
+    """c_l = (λ_l‖W^0‖ + (1 − λ_l)‖W‖)/‖W‖ in float64, λ_l = λ_h from the final LN (else the output layer) on."""
+    head_from = _head_from(model)
+    factors = []
+    for index, (_, module) in enumerate(layer_map(model).ordered):
+        lam = head_coef if index >= head_from else coef
+        norm = module.weight.detach().double().norm()
+        factors.append((lam * init_norms[index] + (1 - lam) * norm) / norm)
+    return torch.stack(factors), head_from
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_property_13_1_zero_head_coef_leaves_the_final_norm_and_head_untouched(dtype):
+    """With LN and λ_h = 0: c_k = c_L = 1 exactly, so the final LN's (γ, β) and the head are bit-identical."""
+    model = _logit_model(layer_norm=True).to(dtype)
+    swr = SoftWeightRescaling(model, 0.5, head_coef=0.0)
+    _grow_(model)
+    head_params = [p.detach().clone() for p in (*model[-3].parameters(), *model[-1].parameters())]  # final LN, head
+    first = model[1].weight.detach().clone()
+    scale = swr.step()
+    assert scale.item() == 1.0  # exactly: the running product restarts at the final LN and c_k = c_L = 1
+    assert all(torch.equal(p, q) for p, q in zip((*model[-3].parameters(), *model[-1].parameters()), head_params))
+    torch.testing.assert_close(model[1].weight.detach(), first * 2 / 3)  # the torso is still pulled back (c = 2/3)
+
+
+@pytest.mark.parametrize("coef, eps, atol", [
+    (0.5, 0.0, 1e-12),  # without LN's ε the logits are exactly invariant
+    (0.01, 1e-5, 1e-6),  # a per-step λ: 1e-6 (measured ≤ 3e-8 over 20 seeds)
+    (0.5, 1e-5, 1e-5),  # one big step (c = 2/3 per layer): the ε of the shrunk pre-LN variance shows (≤ 4e-6)
+])
+def test_property_13_1_layer_norm_and_zero_head_coef_leave_the_distributions_unchanged(coef, eps, atol):
+    """§13.1 in float64 (float32 rounding of logits ~10 alone is ~1e-6): the LN absorbs the torso's rescaling."""
+    model = _logit_model(layer_norm=True).double()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
+    swr = SoftWeightRescaling(model, coef, head_coef=0.0)
+    _grow_(model)
+    x = 5 * torch.randn(64, 6, dtype=torch.float64)
+    support = CategoricalSupport(-10.0, 10.0, N_ATOMS)
+    logits = model(x).detach().view(64, 3, N_ATOMS)
+    before, q_before = torch.softmax(logits, dim=-1), support.expectation(logits.float())
+    assert swr.step().item() == 1.0
+    logits = model(x).detach().view(64, 3, N_ATOMS)
+    torch.testing.assert_close(torch.softmax(logits, dim=-1), before, rtol=0, atol=atol)
+    torch.testing.assert_close(support.expectation(logits.float()), q_before, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_property_13_2_explicit_head_coef_scales_the_logits_by_the_product_from_the_final_norm(layer_norm):
+    model = _logit_model(layer_norm)
+    init_norms = [m.weight.detach().double().norm() for _, m in layer_map(model).ordered]
+    swr = SoftWeightRescaling(model, 0.5, head_coef=0.3)
+    _grow_(model)
+    _perturb_(model)
+    x = torch.randn(64, 6)
+    factors, head_from = _factors_by_hand(model, init_norms, 0.5, 0.3)
+    expected_scale = factors[head_from:].prod() if layer_norm else factors.prod()
+    before = model(x).detach().double()
+    scale = swr.step()
+    after = model(x).detach().double()
+    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
+    assert abs(expected_scale.item() - 1) > 0.05  # not vacuous
+    tolerance = dict(rtol=1e-4, atol=1e-5) if layer_norm else dict(rtol=1e-5, atol=1e-6)  # LN's ε: not exact
+    torch.testing.assert_close(after, expected_scale * before, **tolerance)
+
+
+def test_final_layer_norm_gain_and_bias_take_the_head_coefficient():
+    model = _logit_model(layer_norm=True)
+    ordered = [m for _, m in layer_map(model).ordered]  # Linear, LN, Linear, LN, Linear
+    first_norm, final_norm, head = ordered[1], ordered[3], ordered[4]
+    init = {m: m.weight.detach().double().norm() for m in ordered}
+    swr = SoftWeightRescaling(model, 0.5, head_coef=0.2)
+    _perturb_(model)
+    old = {m: (m.weight.detach().double().clone(), m.bias.detach().double().clone()) for m in ordered}
+
+    def factor(module, lam):
+        norm = old[module][0].norm()
+        return (lam * init[module] + (1 - lam) * norm) / norm
+
+    swr.step()
+    c_first, c_k, c_head = factor(first_norm, 0.5), factor(final_norm, 0.2), factor(head, 0.2)
+    assert abs(factor(final_norm, 0.5) / c_k - 1) > 0.05  # the torso λ would give a different γ, β
+    for module, c, bias_scale in ((first_norm, c_first, c_first),  # an earlier LN keeps the torso λ
+                                  (final_norm, c_k, c_k),  # the product restarts at c_k: β by c_k
+                                  (head, c_head, c_k * c_head)):
+        torch.testing.assert_close(module.weight.detach().double(), c * old[module][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(module.bias.detach().double(), bias_scale * old[module][1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("final", ["non_affine_norm", "hidden_layer_after_norm"])
+def test_zero_head_coef_makes_every_layer_after_the_final_norm_invariant(final):
+    """λ_h covers every layer from the final LN on, also when it has no γ or a hidden layer follows it."""
+    torch.manual_seed(0)
+    if final == "non_affine_norm":
+        model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(),
+                              nn.Linear(16, 16), nn.LayerNorm(16, elementwise_affine=False), nn.ReLU(),
+                              nn.Linear(16, 3 * N_ATOMS))
+    else:
+        model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(),
+                              nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3 * N_ATOMS))
+    swr = SoftWeightRescaling(model, 0.5, head_coef=0.0)
+    _grow_(model)
+    x = 5 * torch.randn(64, 6)
+    before = model(x).detach()
+    assert swr.step().item() == 1.0
+    torch.testing.assert_close(model(x).detach(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_property_13_3_temperature_flips_the_greedy_action():
+    """Why categorical losses default to λ_h = 0: logits scaled by C < 1 flatten the distributions."""
+    atoms = torch.tensor([-10.0, 0.0, 10.0], dtype=torch.float64)
+    logits = torch.tensor([[0.0, -100.0, 1.0], [-100.0, 0.0, -0.5]], dtype=torch.float64)  # actions A, B
+
+    def expectations(scale):
+        return torch.softmax(scale * logits, dim=-1) @ atoms
+
+    e_a, e_b = expectations(1.0).tolist()
+    assert e_a == pytest.approx(4.62, abs=5e-3) and e_b == pytest.approx(3.78, abs=5e-3) and e_a > e_b
+    # Closed form (the atom at −100 carries ~e^−100): E_A = 10·tanh(1/2), E_B = 10·σ(−1/2).
+    assert e_a == pytest.approx(10 * math.tanh(0.5), abs=1e-9)
+    assert e_b == pytest.approx(10 / (1 + math.exp(0.5)), abs=1e-9)
+    e_a, e_b = expectations(0.1).tolist()
+    assert e_a == pytest.approx(0.50, abs=5e-3) and e_b == pytest.approx(4.87, abs=5e-3) and e_a < e_b

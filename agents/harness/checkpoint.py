@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_FILE = "checkpoint.pt"
+from agents.harness.run_folder import checkpoint_path
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,7 +49,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> Path:
     """Atomically write ``state`` to ``<run_dir>/checkpoint.pt``."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+    path = checkpoint_path(run_dir)
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -58,7 +58,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> Path:
 
 def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load ``<run_dir>/checkpoint.pt`` safely; a missing or corrupt file is one clear error."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+    path = checkpoint_path(run_dir)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: the run stopped before its first checkpoint; "
                                 "start it again (without --resume)")

@@ -9,25 +9,44 @@ once so a fix lands once.
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from plasticity.losses import CATEGORICAL_LOSSES
+from plasticity.flags import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_COUNT,
+    UNIT_INTERVAL,
+    Range,
+    check_ranges,
+    ranged,
+)
+from plasticity.intervention import Setting
+from plasticity.interventions import InterventionFlags, check_intervention_flags
 
 
 class ConfigError(ValueError):
     """An invalid flag or flag combination; the agents print it and exit with status 2."""
 
 
+SEED = Range(low=0, high=2**32 - 1, integer=True)  # what numpy's global seeding accepts
+FINITE = Range()
+
+
 @dataclass
-class CommonArgs:
+class CommonArgs(InterventionFlags):
+    """Every flag both agents take; the plasticity methods' flags come from ``InterventionFlags``."""
+
     # --- experiment ---
     exp_name: str = ""
     """a name for the experiment (sweeps use it for the variant); defaults to the agent name"""
-    seed: int = 1
+    seed: int = ranged(1, SEED)
     """seed of the experiment (python, numpy, torch and the environment)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` (as CleanRL; CPU runs are deterministic regardless)"""
@@ -39,41 +58,41 @@ class CommonArgs:
     """folder that holds one sub-folder per run (TensorBoard files, config.json, checkpoint.pt)"""
     run_name: str = ""
     """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>)"""
-    checkpoint_every: int = 100_000
+    checkpoint_every: int = ranged(100_000, COUNT)
     """save a checkpoint every this many env steps (0: only at the end and on interruption)"""
     checkpoint_buffer: Literal["auto", "always", "never"] = "auto"
     """store the replay buffer in checkpoints (auto: when it is at most 2 GiB) -- needed for an exact resume"""
     resume: str = ""
     """path of a run folder to continue from its checkpoint.pt, with its saved config.json"""
-    log_every: int = 1000
+    log_every: int = ranged(1000, POSITIVE_COUNT)
     """write the scalar charts (SPS, losses, accuracy) every this many env steps"""
 
     # --- environment ---
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/Breakout-v5 or BreakoutNoFrameskip-v4) or ImageMDP/{mnist,fashion_mnist,cifar10}"""
-    total_timesteps: int | None = None
+    total_timesteps: int | None = ranged(None, POSITIVE_COUNT, optional=True)
     """total env steps of the run (default: 10M on Atari, 200k on the image MDP)"""
-    num_envs: int = 1
+    num_envs: int = ranged(1, POSITIVE_COUNT)
     """number of parallel environments (updates stay one per --train-frequency env steps)"""
     # image MDP (spec environments.md §1)
     variant: Literal["easy", "random_label", "sparse"] = "easy"
     """image-MDP variant: easy (reward for the right label), random_label (memorisation), sparse (chain)"""
     shift: list[str] = field(default_factory=lambda: ["none"])
     """image-MDP shifts, combinable: none label_permutation random_labels label_noise pixel_permutation reward_offset"""
-    shift_every: int = 20_000
+    shift_every: int = ranged(20_000, POSITIVE_COUNT)
     """image-MDP: env steps between task switches"""
-    shift_frac: float = 0.1
+    shift_frac: float = ranged(0.1, UNIT_INTERVAL)
     """image-MDP label_noise: fraction of images relabelled at each switch"""
-    reward_offset: float = 0.0
+    reward_offset: float = ranged(0.0, FINITE)
     """reward offset per task: r + offset*task_id (image-MDP --shift reward_offset; Atari --atari-shift reward_offset)"""
     data_dir: str = ""
     """dataset folder (default: $PLASTICITY_DATA, else ~/.cache/plasticity/<dataset>, downloaded once)"""
-    num_images: int = 0
+    num_images: int = ranged(0, COUNT)
     """image-MDP: use a class-balanced subset of this many images (0: all)"""
-    episode_length: int = 1000
+    episode_length: int = ranged(1000, POSITIVE_COUNT)
     """image-MDP: the continuing task is truncated every this many steps, for logging only"""
     # Atari (spec environments.md §2)
-    sticky_actions: float = 0.25
+    sticky_actions: float = ranged(0.25, UNIT_INTERVAL)
     """Atari: probability of repeating the previous action (Machado et al. 2018: 0.25; 0 disables)"""
     full_action_space: bool = False
     """Atari: use all 18 actions (always on with --atari-shift games)"""
@@ -81,95 +100,66 @@ class CommonArgs:
     """Atari: treat a lost life as terminal for learning (returns are still logged per game)"""
     atari_shift: list[str] = field(default_factory=list)
     """nonstationary Atari shifts, combinable: games modes difficulties action_permutation obs_invert obs_permutation reward_offset reward_scale"""
-    switch_every: int = 0
+    switch_every: int = ranged(0, COUNT)
     """nonstationary Atari: env steps between task switches"""
     games: list[str] = field(default_factory=list)
     """nonstationary Atari: games cycled by the games shift (e.g. Pong Breakout Freeway)"""
-    modes: list[int] = field(default_factory=list)
+    modes: list[int] = ranged(None, COUNT, default_factory=list)
     """nonstationary Atari: ALE game modes cycled by the modes shift"""
-    difficulties: list[int] = field(default_factory=list)
+    difficulties: list[int] = ranged(None, COUNT, default_factory=list)
     """nonstationary Atari: ALE difficulties cycled by the difficulties shift"""
-    reward_scale: float = 1.0
+    reward_scale: float = ranged(1.0, POSITIVE)
     """nonstationary Atari reward_scale shift: in task k the learning reward is sign(r)*scale**k (+ k*offset)"""
 
     # --- algorithm (shared defaults; each agent overrides what differs) ---
-    buffer_size: int | None = None
+    buffer_size: int | None = ranged(None, POSITIVE_COUNT, optional=True)
     """replay memory size in transitions (default: 1M on Atari, 100k on the image MDP)"""
     buffer_device: str = "auto"
     """where the replay buffer lives: auto (training device when it fits), cpu, cuda"""
-    gamma: float = 0.99
+    gamma: float = ranged(0.99, UNIT_INTERVAL)
     """the discount factor gamma"""
-    batch_size: int = 32
+    batch_size: int = ranged(32, POSITIVE_COUNT)
     """the batch size of sample from the replay memory"""
-    start_e: float = 1.0
+    start_e: float = ranged(1.0, UNIT_INTERVAL)
     """the starting epsilon for exploration"""
-    end_e: float = 0.01
+    end_e: float = ranged(0.01, UNIT_INTERVAL)
     """the ending epsilon for exploration"""
-    exploration_fraction: float = 0.10
+    exploration_fraction: float = ranged(0.10, Range(low=0.0, high=1.0, low_open=True))
     """the fraction of `total-timesteps` it takes from start-e to go end-e"""
-    learning_starts: int | None = None
+    learning_starts: int | None = ranged(None, COUNT, optional=True)
     """env steps before learning starts (default: 80k on Atari, 1k on the image MDP)"""
-    train_frequency: int = 4
+    train_frequency: int = ranged(4, POSITIVE_COUNT)
     """env steps between gradient updates"""
     double_q: bool = False
     """double-DQN targets: the online network picks the next action, the target network values it"""
-    v_min: float = -10.0
+    v_min: float = ranged(-10.0, FINITE)
     """lower end of the categorical support (C51 atoms; HL-Gauss/two-hot bins)"""
-    v_max: float = 10.0
+    v_max: float = ranged(10.0, FINITE)
     """upper end of the categorical support"""
-    n_atoms: int = 51
+    n_atoms: int = ranged(51, Range(low=2, integer=True))
     """number of atoms/bins of the categorical support"""
 
     # --- network ---
     network: Literal["auto", "nature_cnn", "mlp", "cnn"] = "auto"
     """torso: auto picks nature_cnn for 84x84 frame stacks, mlp otherwise"""
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    hidden_sizes: list[int] = ranged(None, POSITIVE_COUNT, default_factory=lambda: [256, 256])
     """hidden widths of the mlp torso"""
 
-    # --- plasticity interventions (spec methods.md), all combinable ---
     layer_norm: bool = False
     """LayerNorm on every hidden pre-activation (Linear/Conv -> LN -> ReLU)"""
-    l2: float = 0.0
-    """L2 penalty (lambda/2)*sum ||W||^2 added to the loss (norm layers excluded); 0 disables"""
-    l2_init: float = 0.0
-    """L2-Init penalty (lambda/2)*sum ||theta - theta0||^2 added to the loss; 0 disables"""
-    swr: float = 0.0
-    """Soft Weight Rescaling coefficient lambda in (0, 1], applied after every update; 0 disables"""
-    swr_head: float | None = None
-    """separate SWR coefficient for the output head (default: same as --swr)"""
-    cbp: bool = False
-    """Continual Backprop: replace low-utility mature hidden units after every update"""
-    cbp_replacement_rate: float = 1e-4
-    """CBP: fraction of eligible units replaced per update (fractional counts accumulate)"""
-    cbp_maturity: int = 100
-    """CBP: updates a unit must age before it can be replaced"""
-    cbp_decay: float = 0.99
-    """CBP: decay rate of the running utility and mean activation"""
-    cbp_utility: Literal["contribution", "adaptable"] = "contribution"
-    """CBP utility measure"""
-    snp: float = 0.0
-    """Shrink & Perturb: theta <- (1-a)*theta + a*fresh_init; 0 disables"""
-    snp_every: int = 0
-    """S&P cadence in updates (0: at task switches)"""
-    redo_tau: float = 0.1
-    """ReDo dormancy threshold tau (0 means exactly dead units)"""
-    redo_every: int = 0
-    """ReDo: reset dormant units every this many updates; 0 disables"""
-    reset_head_every: int = 0
-    """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off"""
 
     # --- diagnostics (spec diagnostics.md) ---
-    diag_every: int = 10_000
+    diag_every: int = ranged(10_000, COUNT)
     """compute the plasticity diagnostics every this many env steps (0 disables)"""
-    diag_batch: int = 1024
+    diag_batch: int = ranged(1024, Range(low=2, integer=True))
     """probe batch size (replay states) for the diagnostics"""
-    dormant_tau: float = 0.1
+    dormant_tau: float = ranged(0.1, NON_NEGATIVE)
     """threshold of plasticity/dormant_frac"""
-    entk_every: int = 0
+    entk_every: int = ranged(0, COUNT)
     """empirical-NTK rank/condition every this many env steps (0: off)"""
-    hessian_every: int = 0
+    hessian_every: int = ranged(0, COUNT)
     """top Hessian eigenvalue every this many env steps (0: off)"""
-    probe_every: int = 0
+    probe_every: int = ranged(0, COUNT)
     """plasticity probe (fit random targets on a copy) every this many env steps (0: off)"""
 
 
@@ -218,47 +208,58 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
-    """Reject invalid values and combinations before any work starts (one clear message each)."""
+def setting_of(args: CommonArgs, *, is_atari: bool, categorical: bool) -> Setting:
+    """The facts about this run that the methods' flag rules depend on."""
+    return Setting(categorical=categorical, layer_norm=args.layer_norm,
+                   task_switches=not is_atari or bool(args.atari_shift))
+
+
+def check_writable_place(flag: str, path: str) -> None:
+    """``path`` is a folder, or can be made as one: its nearest existing ancestor is a writable folder."""
+    target = Path(path).expanduser()
+    check(not target.exists() or target.is_dir(), f"{flag} {path} is a file; give a folder")
+    existing = next(parent for parent in (target, *target.absolute().parents) if parent.exists())
+    check(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+          f"{flag} {path}: cannot create folders in {existing}; give a writable folder")
+
+
+def check_paths(args: CommonArgs) -> None:
+    """Every path flag has its kind: folders to write into, folders that must exist, plain folder names."""
+    check_writable_place("--runs-dir", args.runs_dir)
+    if args.data_dir:  # downloads go there when the files are missing
+        check_writable_place("--data-dir", args.data_dir)
+    if args.run_name:
+        check(re.fullmatch(r"[A-Za-z0-9._+=,-]+", args.run_name) is not None and args.run_name not in (".", ".."),
+              f"--run-name {args.run_name!r} must be one plain folder name (letters, digits, . _ + = , -)")
+    if args.resume:
+        check(Path(args.resume).is_dir(), f"--resume {args.resume}: no such run folder")
+    check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.buffer_device) is not None,
+          f"--buffer-device must be auto, cpu, cuda or cuda:N, got {args.buffer_device!r}")
+
+
+def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
+    """Reject invalid values and combinations before any work starts (one clear message each).
+
+    Every numeric flag is checked against the range declared on its field (``plasticity.flags``),
+    every path flag against its kind, each method's combination rules in its own module.
+    """
+    try:
+        check_ranges(args)
+        check_intervention_flags(args, setting_of(args, is_atari=is_atari, categorical=categorical))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    check_paths(args)
     check(not args.cuda or torch.cuda.is_available(),
           "--cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU")
     check(not (args.bf16 and args.cuda) or torch.cuda.is_bf16_supported(including_emulation=False),
           "--bf16 needs a GPU with bfloat16 support (compute capability 8.0+, e.g. A100/H100); "
           "run without --bf16 on this GPU")
-    check(args.total_timesteps > 0, f"--total-timesteps must be positive, got {args.total_timesteps}")
-    check(args.num_envs >= 1, f"--num-envs must be at least 1, got {args.num_envs}")
-    check(args.learning_rate > 0 and math.isfinite(args.learning_rate),
-          f"--learning-rate must be a positive number, got {args.learning_rate}")
-    check(args.buffer_size >= args.batch_size > 0,
-          f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size}) > 0")
-    check(0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}")
-    check(0.0 <= args.end_e <= 1.0 and 0.0 <= args.start_e <= 1.0, "--start-e and --end-e must be in [0, 1]")
-    check(0.0 < args.exploration_fraction <= 1.0, "--exploration-fraction must be in (0, 1]")
-    check(args.train_frequency >= 1 and args.target_network_frequency >= 1,
-          "--train-frequency and --target-network-frequency must be at least 1")
-    check(args.learning_starts >= 0, "--learning-starts must be >= 0")
+    check(args.buffer_device in ("cpu", "auto") or torch.cuda.is_available(),
+          "--buffer-device cuda needs a CUDA device")
+    check(args.buffer_size >= args.batch_size,
+          f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
     if categorical:
         check(args.v_min < args.v_max, f"--v-min ({args.v_min}) must be smaller than --v-max ({args.v_max})")
-        check(args.n_atoms >= 2, f"a categorical loss needs --n-atoms >= 2, got {args.n_atoms}")
-    check(0.0 <= args.swr <= 1.0, f"--swr must be in [0, 1] (0 disables), got {args.swr}")
-    check(args.swr_head is None or 0.0 <= args.swr_head <= 1.0, "--swr-head must be in [0, 1]")
-    check(args.swr_head is None or args.swr > 0, "--swr-head needs --swr > 0")
-    check(args.l2 >= 0 and args.l2_init >= 0, "--l2 and --l2-init must be >= 0")
-    check(0.0 <= args.snp <= 1.0, f"--snp must be in [0, 1], got {args.snp}")
-    check(args.snp_every >= 0 and args.redo_every >= 0, "--snp-every and --redo-every must be >= 0")
-    check(args.reset_head_every >= -1, "--reset-head-every must be >= 0, or -1 for a reset at every task switch")
-    check(args.redo_tau >= 0, "--redo-tau must be >= 0")
-    check(0.0 < args.cbp_decay < 1.0, "--cbp-decay must be in (0, 1)")
-    check(0.0 <= args.cbp_replacement_rate <= 1.0, "--cbp-replacement-rate must be in [0, 1]")
-    check(args.cbp_maturity >= 0, "--cbp-maturity must be >= 0")
-    for name in ("diag_every", "entk_every", "hessian_every", "probe_every", "checkpoint_every"):
-        check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-    check(args.diag_batch >= 2, "--diag-batch must be at least 2")
-    check(args.log_every >= 1, "--log-every must be at least 1")
-    check(args.buffer_device in ("auto", "cpu", "cuda") or args.buffer_device.startswith("cuda:"),
-          f"--buffer-device must be auto, cpu or cuda, got {args.buffer_device!r}")
-    check(args.buffer_device == "cpu" or args.buffer_device == "auto" or torch.cuda.is_available(),
-          "--buffer-device cuda needs a CUDA device")
     if is_atari:
         check(args.shift in ([], ["none"]),
               f"--shift {' '.join(args.shift)} applies to the image MDP only; on Atari use --atari-shift")
@@ -269,9 +270,6 @@ def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> N
                                               ("--switch-every", args.switch_every)) if used]
             check(not unused, f"{' '.join(unused)} only act through --atari-shift; add the shift "
                               "(e.g. --atari-shift reward_offset) or drop the flag")
-            check(not (args.snp > 0 and args.snp_every == 0) and args.reset_head_every != -1,
-                  "--snp-every 0 and --reset-head-every -1 act at task switches, and this Atari run has none "
-                  "(no --atari-shift): give a period in updates instead")
         else:
             check(args.switch_every >= 1, "--atari-shift needs --switch-every N (env steps between task switches)")
             check(args.switch_every % args.num_envs == 0,
@@ -279,14 +277,6 @@ def validate_common(args: CommonArgs, *, is_atari: bool, categorical: bool) -> N
                   "switches happen between vector steps")
     else:
         check(not args.atari_shift, "--atari-shift applies to Atari ids only; on the image MDP use --shift")
-        check(args.shift_every >= 1, "--shift-every must be at least 1")
         check(args.shift_every % args.num_envs == 0,
               f"--shift-every ({args.shift_every}) must be a multiple of --num-envs ({args.num_envs}): "
               "switches happen between vector steps")
-        check(0.0 <= args.shift_frac <= 1.0, "--shift-frac must be in [0, 1]")
-        check(args.episode_length >= 1, "--episode-length must be at least 1")
-        check(args.num_images >= 0, "--num-images must be >= 0 (0: all images)")
-
-
-def is_categorical_loss(loss: str) -> bool:
-    return loss in CATEGORICAL_LOSSES

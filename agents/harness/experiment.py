@@ -3,10 +3,14 @@
 An agent file keeps the algorithm (network, targets, loss, update, schedules) and
 calls into this module for the plumbing, one line each:
 
-    run = experiment.start(args, agent="dqn", categorical=...)   # validate, seed, run folder, env, buffer
-    global_step, obs = run.begin(q_network=..., optimizer=..., ...)  # fresh start or exact resume
-    ...                                                          # the loop
-    run.end_iteration(global_step, obs)                          # logs, checkpoints, Ctrl-C
+    experiment.resolve_args(args, agent="dqn")                  # --resume: the run's saved flags; defaults
+    with experiment.start(args, agent="dqn", categorical=...) as run:  # validate, seed, folder, env, buffer
+        global_step, obs = run.begin(q_network=..., optimizer=..., ...)  # fresh start or exact resume
+        ...                                                     # the loop
+        run.end_iteration(global_step, obs)                     # logs, checkpoints, Ctrl-C
+
+Leaving the ``with`` block through an unexpected exception marks the run failed in
+its status.json (a bug keeps its traceback; bad input is one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -25,27 +29,20 @@ import numpy as np
 import torch
 import tyro
 
+from agents.harness import run_folder
 from agents.harness.checkpoint import (
-    CHECKPOINT_FILE,
     NonFiniteLossError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, validate_common
-from agents.harness.tracking import (
-    CONFIG_FILE,
-    EVENT_FILE_PREFIX,
-    Tracker,
-    args_to_dict,
-    read_json,
-    write_json,
-    write_status,
-)
+from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, setting_of, validate
+from agents.harness.tracking import Tracker, args_to_dict
 from envs.factory import AgentEnv, env_family
 from envs.replay_buffer import is_frame_stack, make_replay_buffer
-from plasticity.networks import torso_precision
+from plasticity.intervention import crossed
+from plasticity.networks import check_torso, default_network, torso_precision
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
 
@@ -65,11 +62,6 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(slope * t + start_e, end_e)
 
 
-def crossed(before: int, after: int, every: int) -> bool:
-    """True when a multiple of ``every`` lies in (before, after] (cadences in env steps with num_envs > 1)."""
-    return every > 0 and after // every > before // every
-
-
 def updates_due(before: int, after: int, train_frequency: int, learning_starts: int) -> int:
     """Gradient updates to run for the env steps (before, after]: one per ``train_frequency`` after learning starts."""
     if after <= learning_starts:
@@ -81,17 +73,14 @@ def updates_done(global_step: int, train_frequency: int, learning_starts: int) -
     return updates_due(0, global_step, train_frequency, learning_starts)
 
 
-_active_run: Run | None = None
-
-
-def cli(args_type: type, main: Callable) -> None:
-    """Parse flags with tyro and run ``main``.
+def cli(args_type: type, main: Callable, argv: list[str] | None = None) -> None:
+    """Parse flags with tyro (``argv``: default the command line) and run ``main``.
 
     Bad flags or inputs: one ``error:`` line, exit status 2.  A NaN loss: its
-    message, exit status 1.  Anything else (a bug) keeps its traceback, and the
-    run folder's status.json says the run failed.
+    message, exit status 1.  Anything else (a bug) keeps its traceback; the run's
+    ``with`` block has marked its status.json failed.
     """
-    args = tyro.cli(args_type)
+    args = tyro.cli(args_type, args=argv)
     try:
         main(args)
     except ConfigError as error:
@@ -100,10 +89,6 @@ def cli(args_type: type, main: Callable) -> None:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except BaseException as error:
-        if _active_run is not None and _active_run.tracker is not None:
-            write_status(_active_run.run_dir, "failed", -1, _active_run.args.total_timesteps, repr(error))
-        raise
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -147,99 +132,145 @@ def epsilon_greedy(q_values: torch.Tensor, epsilon: float, generator: torch.Gene
     return torch.where(explore, random_actions, q_values.argmax(dim=1))
 
 
-def _load_resumed_args(args, agent: str):
-    run_dir = Path(args.resume)
+def _saved_config(run_dir: Path, agent: str) -> dict:
     try:
-        config = read_json(run_dir / CONFIG_FILE)
+        config = run_folder.read_config(run_dir)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"--resume {run_dir}: {error}") from None
     if config.get("agent", agent) != agent:
         raise ConfigError(f"--resume {run_dir}: that run was made by agents/{config['agent']}.py; "
                           f"resume it with that agent")
-    known = {f.name for f in dataclasses.fields(type(args))}
-    resumed = type(args)(**{k: v for k, v in config.items() if k in known})
-    resumed.resume = str(run_dir)
-    if resumed.cuda and not torch.cuda.is_available():
-        print("note: this run trained on CUDA and no CUDA device is available here; continuing on the CPU",
+    if not run_folder.has_checkpoint(run_dir):
+        raise ConfigError(f"--resume {run_dir}: no {run_folder.CHECKPOINT_FILE} there; the run stopped before its "
+                          "first checkpoint, start it again without --resume")
+    return config
+
+
+def resolve_args(args, agent: str) -> None:
+    """Make ``args`` (in place) the flags the run trains with, before anything is built.
+
+    ``--resume DIR``: every flag comes from DIR's config.json (the command line's other
+    flags are ignored), the run folder is DIR.  Then the environment family's
+    defaults fill the ``None`` fields and ``--exp-name`` defaults to the agent.
+    """
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = _saved_config(run_dir, agent)
+        print(f"resuming {run_dir} with its saved {run_folder.CONFIG_FILE} (other flags are ignored)",
               file=sys.stderr)
-        resumed.cuda = False
-    if not (run_dir / CHECKPOINT_FILE).exists():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; the run stopped before its first "
-                          "checkpoint, start it again without --resume")
-    return resumed, config
+        for f in dataclasses.fields(args):
+            if f.name in config:
+                setattr(args, f.name, config[f.name])
+        args.resume, args.runs_dir, args.run_name = str(run_dir), str(run_dir.parent), run_dir.name
+        if args.cuda and not torch.cuda.is_available():
+            print("note: this run trained on CUDA and no CUDA device is available here; continuing on the CPU",
+                  file=sys.stderr)
+            args.cuda = False
+    try:
+        family = env_family(args.env_id)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    resolve_family_defaults(args, family == "atari")
+    if not args.exp_name:
+        args.exp_name = agent
 
 
 class Run:
-    """One training run: its folder, device, env, replay buffer, tracker and checkpoints."""
+    """One training run: its folder, device, env, replay buffer, tracker and checkpoints.
 
-    def __init__(self, args, agent: str, categorical: Callable[[object], bool]):
-        global _active_run
-        _active_run = self
-        self.agent = agent
-        self.tracker: Tracker | None = None
-        resumed_config = None
-        if args.resume:
-            args, resumed_config = _load_resumed_args(args, agent)
-            print(f"resuming {args.resume} with its saved {CONFIG_FILE} (other flags are ignored)", file=sys.stderr)
-        try:
-            family = env_family(args.env_id)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        self.is_atari = family == "atari"
-        resolve_family_defaults(args, self.is_atari)
-        self.categorical = categorical(args)
-        validate_common(args, is_atari=self.is_atari, categorical=self.categorical)
-        if not args.exp_name:
-            args.exp_name = agent
-        self.args = args
+    Built from final args (``resolve_args`` has run): each step below may reject bad
+    input, and the run folder is made only after all of them, so bad input leaves
+    nothing on disk.
+    """
 
-        # Seeding (spec agents.md): python, numpy, torch; the env and buffer get their own generators.
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        torch.backends.cudnn.deterministic = args.torch_deterministic
-        self.device = torch.device("cuda" if args.cuda else "cpu")
-        keep_freed_host_memory()
-        if args.bf16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
-            print("note: this CPU has no native bfloat16 (avx512_bf16/amx_bf16): --bf16 is emulated and slower "
-                  "than float32 here; drop it", file=sys.stderr)
-
-        if resumed_config is not None:
-            self.run_dir = Path(args.resume)
-            self.run_name = resumed_config.get("run_name", self.run_dir.name)
-        else:
-            env_name = args.env_id.replace("/", "_")
-            self.run_name = args.run_name or f"{env_name}__{agent}__{run_tag(args)}__{args.seed}__{int(time.time())}"
-            self.run_dir = Path(args.runs_dir) / self.run_name
-            if (self.run_dir / CHECKPOINT_FILE).exists():
-                raise ConfigError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
-                                  "or choose another --run-name")
-            if any(self.run_dir.glob(EVENT_FILE_PREFIX + "*")):
-                raise ConfigError(f"{self.run_dir} holds the event files of a run that stopped before its first "
-                                  "checkpoint; delete that folder or choose another --run-name")
-        try:
-            self.envs = AgentEnv.make(args, self.device)
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(str(error)) from None
-        try:
-            # Batches come back on the training device wherever the buffer lives.
-            self.buffer = make_replay_buffer(self.envs.obs_shape, args.buffer_size, args.num_envs,
-                                             self._buffer_device(), seed=stream_seed(args.seed, "replay"),
-                                             sample_device=self.device)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        # The run folder is made only once the env and buffer exist: bad input leaves nothing behind.
-        if resumed_config is None:
+    def __init__(self, args, agent: str, categorical: bool):
+        self.args, self.agent, self.categorical = args, agent, categorical
+        self.resumed = bool(args.resume)
+        self.is_atari = env_family(args.env_id) == "atari"
+        validate(args, is_atari=self.is_atari, categorical=categorical)
+        self.setting = setting_of(args, is_atari=self.is_atari, categorical=categorical)  # for the methods
+        self.device = self._seed_and_pick_device()
+        self.run_name, self.run_dir = self._name_the_folder()
+        self.envs = self._make_env()
+        self._check_torso()
+        self.buffer = self._make_buffer()
+        if not self.resumed:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / CONFIG_FILE, {**args_to_dict(args), "agent": agent, "run_name": self.run_name})
-
+            run_folder.write_config(self.run_dir, self._config())
         self.action_generator = torch.Generator(device=self.device)
         self.action_generator.manual_seed(stream_seed(args.seed, "actions"))
+        self.tracker: Tracker | None = None
         self.stateful: dict = {}
         self._stop_requested = False
         self._previous_handlers: dict = {}
         self._good_step = -1  # last step at which the loss was known finite
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, error, traceback) -> bool:
+        """An unexpected exception (a bug, a second Ctrl-C) marks a begun run failed; bad input and NaN did already."""
+        if error is not None and self.tracker is not None and not isinstance(error, (ConfigError,
+                                                                                     NonFiniteLossError)):
+            self._restore_signal_handlers()
+            run_folder.write_status(self.run_dir, run_folder.FAILED, -1, self.args.total_timesteps, repr(error))
+        return False
+
+    # ---- set-up steps, in order ----
+    def _seed_and_pick_device(self) -> torch.device:
+        """Seeding (spec agents.md): python, numpy, torch; the env and buffer get their own generators."""
+        args = self.args
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        device = torch.device("cuda" if args.cuda else "cpu")
+        keep_freed_host_memory()
+        if args.bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+            print("note: this CPU has no native bfloat16 (avx512_bf16/amx_bf16): --bf16 is emulated and slower "
+                  "than float32 here; drop it", file=sys.stderr)
+        return device
+
+    def _name_the_folder(self) -> tuple[str, Path]:
+        args = self.args
+        name = args.run_name or run_folder.run_name(args.env_id, self.agent, run_tag(args), args.seed,
+                                                    int(time.time()))
+        run_dir = Path(args.runs_dir) / name
+        if not self.resumed:
+            if run_folder.has_checkpoint(run_dir):
+                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                  "or choose another --run-name")
+            if run_folder.event_files(run_dir):
+                raise ConfigError(f"{run_dir} holds the event files of a run that stopped before its first "
+                                  "checkpoint; delete that folder or choose another --run-name")
+        return name, run_dir
+
+    def _make_env(self) -> AgentEnv:
+        try:
+            return AgentEnv.make(self.args, self.device)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
+
+    def _check_torso(self) -> None:
+        args, obs_shape = self.args, self.envs.obs_shape
+        network = default_network(obs_shape) if args.network == "auto" else args.network
+        try:
+            check_torso(network, obs_shape, hidden_sizes=args.hidden_sizes)
+        except ValueError as error:
+            raise ConfigError(f"{error} ({args.env_id}); choose another --network") from None
+
+    def _make_buffer(self):
+        try:
+            # Batches come back on the training device wherever the buffer lives.
+            return make_replay_buffer(self.envs.obs_shape, self.args.buffer_size, self.args.num_envs,
+                                      self._buffer_device(), seed=stream_seed(self.args.seed, "replay"),
+                                      sample_device=self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def _config(self) -> dict:
+        return {**args_to_dict(self.args), "agent": self.agent, "run_name": self.run_name}
 
     def _buffer_device(self) -> torch.device:
         args = self.args
@@ -261,7 +292,7 @@ class Run:
         self.stateful = stateful
         args = self.args
         global_step = 0
-        if args.resume:
+        if self.resumed:
             try:
                 # On the CPU: RNG states must stay CPU tensors; every load_state_dict moves the rest.
                 state = load_checkpoint(self.run_dir, map_location="cpu")
@@ -284,14 +315,13 @@ class Run:
         else:
             obs = self.envs.reset(seed=args.seed)
             self.tracker = self._make_tracker(0)
-        write_status(self.run_dir, "running", global_step, args.total_timesteps)
+        run_folder.write_status(self.run_dir, run_folder.RUNNING, global_step, args.total_timesteps)
         self._install_signal_handlers()
         return global_step, obs
 
     def _make_tracker(self, start_step: int) -> Tracker:
         args = self.args
-        config = {**args_to_dict(args), "agent": self.agent, "run_name": self.run_name}
-        return Tracker(self.run_dir, config, args.total_timesteps, args.log_every, self.device,
+        return Tracker(self.run_dir, self._config(), args.total_timesteps, args.log_every, self.device,
                        start_step=start_step, num_envs=args.num_envs, accuracy_window=args.log_every)
 
     def _install_signal_handlers(self) -> None:
@@ -371,7 +401,7 @@ class Run:
             self.tracker.close()
             self.envs.close()
             self._restore_signal_handlers()
-            write_status(self.run_dir, "interrupted", global_step, args.total_timesteps)
+            run_folder.write_status(self.run_dir, run_folder.INTERRUPTED, global_step, args.total_timesteps)
             print(f"interrupted at step {global_step}; continue with --resume {self.run_dir}", file=sys.stderr)
             return False
         return True
@@ -381,11 +411,11 @@ class Run:
             args = self.args
             self.tracker.close()
             self._restore_signal_handlers()
-            last = (f"the last good checkpoint (step {self._good_step}) is {self.run_dir / CHECKPOINT_FILE}"
+            last = (f"the last good checkpoint (step {self._good_step}) is {run_folder.checkpoint_path(self.run_dir)}"
                     if self._good_step >= 0 else "no checkpoint was written before it")
             message = (f"the loss became NaN/inf before step {global_step}; {last}. Try a lower --learning-rate, "
                        "a regularised network (--layer-norm, --l2) or check the rewards.")
-            write_status(self.run_dir, "failed", global_step, args.total_timesteps, message)
+            run_folder.write_status(self.run_dir, run_folder.FAILED, global_step, args.total_timesteps, message)
             raise NonFiniteLossError(message)
         self._good_step = global_step
 
@@ -412,7 +442,7 @@ class Run:
         self.tracker.close()
         self.envs.close()
         self._restore_signal_handlers()
-        write_status(self.run_dir, "completed", global_step, self.args.total_timesteps)
+        run_folder.write_status(self.run_dir, run_folder.COMPLETED, global_step, self.args.total_timesteps)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----
     def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,
@@ -441,10 +471,10 @@ class Run:
         self.tracker.log_dict(scalars, global_step)
 
 
-def start(args, agent: str, categorical: Callable[[object], bool] = lambda args: False) -> Run:
-    """Validate the flags, seed everything, create the run folder, the env and the replay buffer.
+def start(args, agent: str, categorical: bool = False) -> Run:
+    """Validate the final flags, seed everything, create the run folder, the env and the replay buffer.
 
-    ``categorical(args)`` says whether the value head is categorical, decided on the final
-    args: on ``--resume`` those are the run's saved config, not the command line.
+    ``categorical``: whether the value head is categorical, read from the final args
+    (``resolve_args`` has run, so on ``--resume`` those are the run's saved flags).
     """
     return Run(args, agent, categorical)

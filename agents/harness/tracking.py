@@ -1,8 +1,7 @@
 """Run folders, TensorBoard logging and progress display shared by both agents (spec agents.md "Outputs").
 
-A run folder ``<runs_dir>/<run_name>/`` holds the TensorBoard event files,
-``config.json`` (the full Args), ``status.json`` (running / completed / failed /
-interrupted, with the step) and ``checkpoint.pt``.
+What a run folder holds is the contract of ``agents/harness/run_folder.py``; this
+module writes its TensorBoard event files.
 
 Scalars produced in the hot loop stay on the training device: they are queued
 and moved to the host in one transfer every ``log_every`` env steps, so logging
@@ -13,8 +12,6 @@ the last window, logged from the first window on (pitfall 12).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,24 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-CONFIG_FILE = "config.json"
-STATUS_FILE = "status.json"
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically (a crash never leaves half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: is this a run folder written by agents/dqn.py or agents/c51.py?") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is corrupt ({error}); restore it or start a new run") from None
+from agents.harness.run_folder import EVENT_FILE_PREFIX, event_file_second
 
 
 def args_to_dict(args) -> dict:
@@ -49,23 +29,6 @@ def args_to_dict(args) -> dict:
 def markdown_table(config: dict) -> str:
     rows = "\n".join(f"|{key}|{value}|" for key, value in sorted(config.items()))
     return "|param|value|\n|-|-|\n" + rows
-
-
-def write_status(run_dir: Path, status: str, global_step: int, total_timesteps: int, message: str = "") -> None:
-    data = {"status": status, "global_step": int(global_step), "total_timesteps": int(total_timesteps),
-            "time": time.time()}
-    if message:
-        data["message"] = message
-    write_json(Path(run_dir) / STATUS_FILE, data)
-
-
-EVENT_FILE_PREFIX = "events.out.tfevents."
-
-
-def event_file_second(path: Path) -> int | None:
-    """The creation second in a TensorBoard event file's name (``events.out.tfevents.<second>.<host>.<pid>.<n>``)."""
-    parts = Path(path).name[len(EVENT_FILE_PREFIX):].split(".")
-    return int(parts[0]) if parts and parts[0].isdigit() else None
 
 
 def wait_for_a_later_event_file_name(run_dir: Path, max_wait: float = 2.0) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from agents.harness.run_folder import CONFIG_FILE
 from scripts.analysis.tbreader import RunData
 
 #: Names accepted by --group-by for config fields.
@@ -60,9 +61,9 @@ def group_runs(runs: list[RunData], group_by: list[str], allow_differing=()) -> 
     for field, given in zip(fields, group_by):
         missing = [run.name for run in runs if field not in run.config]
         if missing:
-            known = sorted({key for run in runs for key in run.config})
-            raise ValueError(f"--group-by {given}: {len(missing)} run(s) have no {field!r} in config.json "
-                             f"(e.g. {missing[0]}); config fields: {', '.join(known) or 'none (no config.json)'}")
+            known = ", ".join(sorted({key for run in runs for key in run.config}))
+            raise ValueError(f"--group-by {given}: {len(missing)} run(s) have no {field!r} in {CONFIG_FILE} "
+                             f"(e.g. {missing[0]}); config fields: {known or f'none (no {CONFIG_FILE})'}")
     groups: dict[tuple, Group] = {}
     for run in runs:
         key = tuple(_canonical(run.config[field]) for field in fields)

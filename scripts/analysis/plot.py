@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/analysis/plot.py` from a checkout
 
+from agents.harness.run_folder import CONFIG_FILE, STATUS_FILE  # noqa: E402
 from scripts.analysis import atari_scores, stats  # noqa: E402
 from scripts.analysis.groups import Group, group_runs  # noqa: E402
 from scripts.analysis.tbreader import RunData, load_runs  # noqa: E402
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tags", nargs="+", default=["charts/episodic_return"],
                         help="scalar tags, or glob patterns such as 'plasticity/dead_frac/*'; one panel each")
     parser.add_argument("--group-by", nargs="*", default=["agent", "env_id", "variant"],
-                        help="config.json fields that define a group (variant = the sweep's exp_name)")
+                        help=f"{CONFIG_FILE} fields that define a group (variant = the sweep's exp_name)")
     parser.add_argument("--allow-differing", nargs="+", default=[], metavar="FIELD",
                         help="config fields allowed to differ inside a group")
     parser.add_argument("--aggregate", choices=stats.AGGREGATES, default="mean", help="aggregate over runs")
@@ -291,7 +292,8 @@ def _check_args(args) -> None:
 def _note_incomplete(runs: list[RunData]) -> None:
     incomplete = [run for run in runs if not run.completed]
     if incomplete:
-        states = sorted({(run.status or {}).get("status", "no status.json") for run in incomplete})
+        states = sorted({run.status.status if run.status is not None else f"no {STATUS_FILE}"
+                         for run in incomplete})
         names = ", ".join(run.name for run in incomplete[:3]) + (" ..." if len(incomplete) > 3 else "")
         print(f"note: {len(incomplete)} of {len(runs)} runs have not completed ({', '.join(states)}): {names}",
               file=sys.stderr)

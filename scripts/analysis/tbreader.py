@@ -11,16 +11,20 @@ wins.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-EVENT_FILE_MARKER = "events.out.tfevents."
-CONFIG_FILE = "config.json"
-STATUS_FILE = "status.json"
+from agents.harness.run_folder import (
+    EVENT_FILE_PREFIX,
+    Status,
+    event_files,
+    is_event_file,
+    read_config,
+    read_status,
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Series:
 class RunData:
     path: Path
     config: dict
-    status: dict | None
+    status: Status | None  # None when status.json is absent or unreadable
     scalars: dict[str, Series] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     """every scalar tag in the run's event files (``scalars`` may hold only the requested ones)"""
@@ -48,11 +52,7 @@ class RunData:
 
     @property
     def completed(self) -> bool:
-        return self.status is not None and self.status.get("status") == "completed"
-
-
-def event_files(run_dir: Path) -> list[Path]:
-    return [path for path in Path(run_dir).iterdir() if EVENT_FILE_MARKER in path.name and path.is_file()]
+        return self.status is not None and self.status.completed
 
 
 def find_run_dirs(paths) -> list[Path]:
@@ -64,21 +64,13 @@ def find_run_dirs(paths) -> list[Path]:
         if path.is_file():
             raise ValueError(f"{path} is a file; pass the run folder that holds it (or a sweep folder)")
         for folder, _subfolders, files in os.walk(path):
-            if any(EVENT_FILE_MARKER in name for name in files):
+            if any(is_event_file(name) for name in files):
                 found.add(Path(folder))
     if not found:
-        raise FileNotFoundError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(map(str, paths))}; "
+        raise FileNotFoundError(f"no TensorBoard event files ({EVENT_FILE_PREFIX}*) under "
+                                f"{', '.join(map(str, paths))}; "
                                 "pass run folders (runs/<run>) or a sweep folder (its runs are found below it)")
     return sorted(found)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); fix or delete it") from None
 
 
 def _ordered_event_files(run_dir: Path) -> list[Path]:
@@ -159,8 +151,9 @@ def read_scalars(run_dir: Path, wanted=None) -> tuple[dict[str, Series], tuple[s
 def load_run(run_dir: Path, wanted=None) -> RunData:
     run_dir = Path(run_dir)
     scalars, tags, last_step = read_scalars(run_dir, wanted)
-    return RunData(path=run_dir, config=_read_json(run_dir / CONFIG_FILE) or {},
-                   status=_read_json(run_dir / STATUS_FILE), scalars=scalars, tags=tags, last_step=last_step)
+    # A corrupt config.json is an error (ValueError naming it); an unreadable status.json: not completed.
+    return RunData(path=run_dir, config=read_config(run_dir, missing_ok=True) or {},
+                   status=read_status(run_dir), scalars=scalars, tags=tags, last_step=last_step)
 
 
 def load_runs(paths, wanted=None) -> list[RunData]:

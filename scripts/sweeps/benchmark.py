@@ -34,8 +34,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/sweeps/benchmark.py` from a checkout
 
+from agents.harness.run_folder import (  # noqa: E402
+    COMPLETED,
+    FAILED,
+    NEW,
+    RESUMABLE,
+    RUNNING,
+    STATUS_FILE,
+    folder_state,
+    read_status,
+)
 from scripts.sweeps.sweep import (  # noqa: E402
+    PENDING,
     PROJECT_ROOT,
+    SKIPPED,
     Manifest,
     RunSpec,
     Sweep,
@@ -44,8 +56,6 @@ from scripts.sweeps.sweep import (  # noqa: E402
     load_sweep_file,
     make_sweep,
     parse_variant,
-    read_status,
-    run_state,
 )
 
 LOG_TAIL_LINES = 5
@@ -196,8 +206,8 @@ class RayBackend:
 
 def plan(sweep: Sweep, runs: list[RunSpec]) -> list[tuple[RunSpec, str]]:
     """What each run needs: ``skip`` (completed), ``resume`` (checkpoint, not completed) or ``fresh``."""
-    actions = {"completed": "skip", "resumable": "resume", "new": "fresh"}
-    return [(run, actions[run_state(sweep.run_dir(run))]) for run in runs]
+    actions = {COMPLETED: "skip", RESUMABLE: "resume", NEW: "fresh"}
+    return [(run, actions[folder_state(sweep.run_dir(run))]) for run in runs]
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -211,15 +221,15 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 def _outcome(sweep: Sweep, run: RunSpec, result: dict | None, error: str | None) -> tuple[str, str]:
     """(manifest state, note) of a run whose process ended."""
     if error is not None:
-        return "failed", error
-    status = read_status(sweep.run_dir(run)) or {}
-    if result["returncode"] == 0 and status.get("status") == "completed":
-        return "completed", ""
-    if status.get("status") == "interrupted":
-        return "pending", f"interrupted at step {status.get('global_step')}; re-run the sweep to resume it"
+        return FAILED, error
+    status = read_status(sweep.run_dir(run))
+    if result["returncode"] == 0 and status is not None and status.completed:
+        return COMPLETED, ""
+    if status is not None and status.interrupted:
+        return PENDING, f"interrupted at step {status.global_step}; re-run the sweep to resume it"
     if result["returncode"] == 0:
-        return "failed", "the agent exited with status 0 but its status.json does not say completed"
-    return "failed", f"exit code {result['returncode']}"
+        return FAILED, f"the agent exited with status 0 but its {STATUS_FILE} does not say {COMPLETED}"
+    return FAILED, f"exit code {result['returncode']}"
 
 
 def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest: Manifest, python: str,
@@ -229,7 +239,7 @@ def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest:
     queue = deque()
     for run, action in planned:
         if action == "skip":
-            manifest.update(run.name, status="skipped")
+            manifest.update(run.name, status=SKIPPED)
             counts["skipped"] += 1
         else:
             queue.append((run, action))
@@ -244,7 +254,7 @@ def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest:
                 if action == "fresh" and clear_partial_run(sweep.run_dir(run)):
                     print(f"note: removed {sweep.run_dir(run)} (no checkpoint to resume); starting it again")
                 command = sweep.command(run, python, resume=action == "resume")
-                manifest.update(run.name, status="running", action=action, command=command, returncode=None,
+                manifest.update(run.name, status=RUNNING, action=action, command=command, returncode=None,
                                 wall_time_s=None, started=time.time(), finished=None, note="")
                 in_flight[backend.submit(command, sweep.log_path(run), PROJECT_ROOT, env)] = (run, action)
                 print(f"[start] {run.name} ({'resuming from its checkpoint' if action == 'resume' else 'fresh'})",
@@ -264,12 +274,12 @@ def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest:
                 manifest.update(run.name, **fields)
                 finished += 1
                 log = sweep.log_path(run)
-                if state == "completed":
+                if state == COMPLETED:
                     counts["completed"] += 1
                     counts["resumed"] += action == "resume"
                     print(f"[done {finished}/{total}] {run.name} completed in {result['wall_time_s']:.1f} s",
                           flush=True)
-                elif state == "pending":
+                elif state == PENDING:
                     counts["interrupted"] += 1
                     print(f"[stopped {finished}/{total}] {run.name}: {note} (log: {log})", flush=True)
                 else:
@@ -282,7 +292,7 @@ def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest:
                 continue
             interrupted = True
             for run, _action in queue:
-                manifest.update(run.name, status="pending")
+                manifest.update(run.name, status=PENDING)
             queue.clear()
             print(f"\ninterrupted: no new runs start; waiting for {len(in_flight)} running run(s) to checkpoint "
                   "and stop (Ctrl-C again to stop them now). Re-run the same command to continue.",
@@ -453,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if counts["failed"]:
         print("failed runs (logs):", file=sys.stderr)
         for record in manifest.records.values():
-            if record["status"] == "failed":
+            if record["status"] == FAILED:
                 print(f"  {record['name']}: {record.get('note', '')}; {sweep.sweep_dir / record['log']}",
                       file=sys.stderr)
         return 1

@@ -41,11 +41,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/sweeps/reproduce.py` from a checkout
 
+from agents.harness.run_folder import COMPLETED  # noqa: E402
 from scripts.analysis import plot, stats  # noqa: E402
 from scripts.analysis.groups import Group, group_runs  # noqa: E402
 from scripts.analysis.tbreader import RunData, load_runs  # noqa: E402
 from scripts.sweeps import benchmark  # noqa: E402
-from scripts.sweeps.sweep import PROJECT_ROOT, Manifest  # noqa: E402
+from scripts.sweeps.sweep import MANIFEST_FILE, PROJECT_ROOT, Manifest  # noqa: E402
 
 ENV_ID = "ImageMDP/mnist"
 AGENT = "dqn"
@@ -297,8 +298,8 @@ def run_sweep(argv: list[str], sweep_dir: Path) -> dict:
     if code != 0:
         raise RuntimeError(f"the sweep did not complete (benchmark.py exit status {code}); see the logs in "
                            f"{sweep_dir / 'logs'}, then re-run the same command to finish it")
-    records = (Manifest.read(sweep_dir / "manifest.json") or {}).get("runs", [])
-    executed = [r for r in records if r.get("status") == "completed"]
+    records = (Manifest.read(sweep_dir / MANIFEST_FILE) or {}).get("runs", [])
+    executed = [r for r in records if r.get("status") == COMPLETED]
     timing_path = sweep_dir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {
         "wall_s": 0.0, "runs_executed": 0, "invocations": 0}

@@ -23,17 +23,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.harness import run_folder
+from agents.harness.run_folder import COMPLETED, FAILED, NEW, RUNNING
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_AGENT_DIR = PROJECT_ROOT / "agents"
 
 MANIFEST_FILE = "manifest.json"
 RUNS_SUBDIR = "runs"
 LOGS_SUBDIR = "logs"
-STATUS_FILE = "status.json"  # written by the agents (agents/harness/tracking.py)
-CHECKPOINT_FILE = "checkpoint.pt"
 
-#: Manifest states of one run.
-RUN_STATES = ("pending", "running", "completed", "failed", "skipped")
+#: Manifest states of one run; those a run folder also has are the run-folder contract's.
+PENDING, SKIPPED = "pending", "skipped"
+RUN_STATES = (PENDING, RUNNING, COMPLETED, FAILED, SKIPPED)
 
 #: Flags the sweep sets itself; a variant or the common flags must not set them.
 SWEEP_OWNED_FLAGS = ("--env-id", "--seed", "--exp-name", "--runs-dir", "--run-name", "--resume")
@@ -124,8 +126,7 @@ class Sweep:
 
 def run_name(env_id: str, agent: str, variant: str, seed: int) -> str:
     """``<env>__<agent>__<variant>__<seed>``, e.g. ``ImageMDP_mnist__dqn__ln_l2__1`` (no timestamp: re-runs find it)."""
-    env_name = re.sub(r"[^A-Za-z0-9.+-]", "_", env_id)
-    return f"{env_name}__{agent}__{variant}__{seed}"
+    return run_folder.run_name(env_id, agent, variant, seed)
 
 
 def parse_variant(text: str) -> tuple[str, str]:
@@ -227,29 +228,11 @@ def load_sweep_file(path: str | Path) -> dict:
     return data
 
 
-# ---- the state of one run folder, as the agents leave it ----
-
-def read_status(run_dir: Path) -> dict | None:
-    """``status.json`` of a run folder, or None when absent or unreadable (a run killed while writing it)."""
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def run_state(run_dir: Path) -> str:
-    """``completed`` (status.json says so), ``resumable`` (a checkpoint, not completed) or ``new``."""
-    status = read_status(run_dir)
-    if status is not None and status.get("status") == "completed":
-        return "completed"
-    if (run_dir / CHECKPOINT_FILE).exists():
-        return "resumable"
-    return "new"
-
+# ---- the state of one run folder, as the agents leave it (agents/harness/run_folder.py) ----
 
 def clear_partial_run(run_dir: Path) -> bool:
     """Remove a run folder that holds no checkpoint (nothing to resume), so a fresh start does not mix event files."""
-    if run_dir.exists() and run_state(run_dir) == "new":
+    if run_dir.exists() and run_folder.folder_state(run_dir) == NEW:
         shutil.rmtree(run_dir)
         return True
     return False
@@ -269,7 +252,7 @@ class Manifest:
                        "seed": run.seed, "flags": list(run.flags),
                        "run_dir": str(Path(RUNS_SUBDIR) / run.name),
                        "log": str(Path(LOGS_SUBDIR) / f"{run.name}.log"),
-                       "status": "pending", "action": None, "returncode": None, "wall_time_s": None,
+                       "status": PENDING, "action": None, "returncode": None, "wall_time_s": None,
                        "started": None, "finished": None}
             for run in runs
         }

@@ -1,0 +1,106 @@
+"""What one plasticity method looks like to a training loop, and how its flags become it.
+
+A method module (``swr.py``, ``cbp.py``, ``resets.py``, ``regularizers.py``) holds, in
+one place, the method itself (usable on its own in any loop), a flags dataclass
+with one docstring and one declared range per hyperparameter, the combination rules
+of those flags (``check``) and the construction from them (``build``), which returns
+an ``Intervention`` -- or None when the flags leave the method off.
+
+``plasticity.interventions`` lists the flags classes once (their order is the order
+of events in an update) and calls each hook in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SampleObs = Callable[[int], torch.Tensor]
+
+
+def crossed(previous: int, step: int, every: int) -> bool:
+    """True when a multiple of ``every`` (> 0) lies in (previous, step]: periods survive steps of several units."""
+    return every > 0 and step // every > previous // every
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Facts about the run that some methods' flag rules depend on (not flags of the method itself)."""
+
+    categorical: bool = False
+    """the value head outputs logits over a support (C51, HL-Gauss, two-hot) rather than Q-values"""
+    layer_norm: bool = False
+    """the torso has LayerNorm on its hidden pre-activations"""
+    task_switches: bool = True
+    """the environment switches tasks (methods scheduled "at task switches" need some)"""
+
+
+@dataclass
+class Parts:
+    """What a method is built on: the online network, its optimiser, the target copy and the methods' generator."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    target_model: nn.Module | None
+    generator: torch.Generator
+    setting: Setting
+
+
+class Intervention:
+    """One enabled method as the loop sees it; every hook defaults to doing nothing.
+
+    ``name`` keys the method's state in a checkpoint.  Scalars are 0-dim device tensors
+    (the logger moves them to the host once per window).
+    """
+
+    name = ""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A loss term with gradient (L2, L2-Init), or None."""
+        return None
+
+    def after_update(self, previous: int, update: int, sample_obs: SampleObs | None) -> None:
+        """Right after ``optimizer.step()``; ``(previous, update]`` are the updates since the last call."""
+
+    def on_task_switch(self) -> None:
+        """The environment switched tasks."""
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MethodFlags:
+    """Base of a method's flags dataclass.
+
+    The agents' ``Args`` inherit every method's flags, so the registry calls these two
+    hooks through each flags class explicitly (``SWRFlags.check(args, setting)``).
+    """
+
+    def check(self, setting: Setting) -> None:
+        """Reject invalid combinations of this method's flags (ranges are checked from their declarations)."""
+
+    def build(self, parts: Parts) -> Intervention | None:
+        raise NotImplementedError
+
+
+class Counter:
+    """An on-device event counter (resets, applications): no host sync to count, a copy to log."""
+
+    def __init__(self, device: torch.device):
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, amount: torch.Tensor | int = 1) -> None:
+        self.count += amount
+
+    def value(self) -> torch.Tensor:
+        # Updated in place: hand out a copy so a logger holding it sees this step's value.
+        return self.count.clone()
