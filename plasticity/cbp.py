@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -262,6 +262,8 @@ class CBPAfterUpdate(Intervention):
 
 @dataclass
 class CBPFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"cbp": "cbp"}
+
     cbp: bool = False
     """Continual Backprop: replace low-utility mature hidden units after every update"""
     cbp_replacement_rate: float = ranged(1e-4, REPLACEMENT_RATE)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -81,9 +82,12 @@ class Intervention:
 class MethodFlags:
     """Base of a method's flags dataclass.
 
-    The agents' ``Args`` inherit every method's flags, so the registry calls these two
-    hooks through each flags class explicitly (``SWRFlags.check(args, setting)``).
+    The agents' ``Args`` inherit every method's flags, so the registry reads ``TAGS`` and
+    calls the two hooks through each flags class explicitly (``SWRFlags.check(args, setting)``).
     """
+
+    TAGS: ClassVar[dict[str, str]] = {}
+    """flag -> short name in run names when it differs from its default (``swr`` -> ``swr_0.001``)"""
 
     def check(self, setting: Setting) -> None:
         """Reject invalid combinations of this method's flags (ranges are checked from their declarations)."""

@@ -10,6 +10,7 @@ the "explicit loss term" reading of §2, not decoupled AdamW decay.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -95,6 +96,8 @@ class PenaltyTerm(Intervention):
 
 @dataclass
 class L2Flags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"l2": "l2"}
+
     l2: float = ranged(0.0, NON_NEGATIVE)
     """L2 penalty (lambda/2)*sum ||W||^2 added to the loss (norm layers excluded); 0 disables"""
 
@@ -104,6 +107,8 @@ class L2Flags(MethodFlags):
 
 @dataclass
 class L2InitFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"l2_init": "l2init"}
+
     l2_init: float = ranged(0.0, NON_NEGATIVE)
     """L2-Init penalty (lambda/2)*sum ||theta - theta0||^2 added to the loss; 0 disables"""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -314,6 +315,8 @@ class HeadReset(Intervention):
 
 @dataclass
 class SnPFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"snp": "snp"}
+
     snp: float = ranged(0.0, SNP_ALPHA)
     """Shrink & Perturb: theta <- (1-a)*theta + a*fresh_init; 0 disables"""
     snp_every: int = ranged(0, COUNT)
@@ -332,6 +335,8 @@ class SnPFlags(MethodFlags):
 
 @dataclass
 class ReDoFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"redo_every": "redo"}
+
     redo_tau: float = ranged(0.1, REDO_TAU)
     """ReDo dormancy threshold tau (0 means exactly dead units)"""
     redo_every: int = ranged(0, COUNT)
@@ -349,6 +354,8 @@ class ReDoFlags(MethodFlags):
 
 @dataclass
 class HeadResetFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"reset_head_every": "headreset"}
+
     reset_head_every: int = ranged(0, HEAD_RESET_PERIOD)
     """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off"""
 

@@ -40,6 +40,7 @@ factors, and one in-place multiply per tensor; no host-device synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -156,6 +157,8 @@ class SWRAfterUpdate(Intervention):
 
 @dataclass
 class SWRFlags(MethodFlags):
+    TAGS: ClassVar[dict[str, str]] = {"swr": "swr", "swr_head": "swrhead"}
+
     swr: float = ranged(0.0, SWR_COEF)
     """Soft Weight Rescaling coefficient lambda in (0, 1], applied after every update; 0 disables"""
     swr_head: float | None = ranged(None, SWR_COEF, optional=True)

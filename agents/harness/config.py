@@ -28,7 +28,7 @@ from plasticity.flags import (
     ranged,
 )
 from plasticity.intervention import Setting
-from plasticity.interventions import InterventionFlags, check_intervention_flags
+from plasticity.interventions import METHODS, InterventionFlags, check_intervention_flags
 
 
 class ConfigError(ValueError):
@@ -170,11 +170,11 @@ FAMILY_DEFAULTS = {
     "learning_starts": (80_000, 1_000),
 }
 
-#: Toggles shown in the run tag when they differ from the defaults, with their short names.
+#: Toggles shown in the run tag when they differ from the defaults, with their short names
+#: (each plasticity method declares its own in its flags class).
 TAG_FIELDS = {
-    "layer_norm": "ln", "l2": "l2", "l2_init": "l2init", "loss": "loss", "swr": "swr", "swr_head": "swrhead",
-    "cbp": "cbp", "snp": "snp", "redo_every": "redo", "reset_head_every": "headreset", "double_q": "ddqn",
-    "network": "net", "shift": "shift", "atari_shift": "ashift", "bf16": "bf16",
+    "layer_norm": "ln", "loss": "loss", **{flag: short for method in METHODS for flag, short in method.TAGS.items()},
+    "double_q": "ddqn", "network": "net", "shift": "shift", "atari_shift": "ashift", "bf16": "bf16",
 }
 
 
