@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from plasticity.flags import COUNT, UNIT_INTERVAL, Range, ranged
-from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
+from plasticity.intervention import EveryUpdate, MethodFlags, Parts, Setting
 from plasticity.networks import ActivationRecorder, HiddenLayer
 from plasticity.resets import check_unit_norm, next_layer_columns, reinitialize_units_
 
@@ -239,27 +239,6 @@ class ContinualBackprop:
         self.recorder.remove()
 
 
-class CBPAfterUpdate(Intervention):
-    """Generate-and-test after every update; logs ``plasticity/cbp_replacements``."""
-
-    name = "cbp"
-
-    def __init__(self, cbp: ContinualBackprop):
-        self.cbp = cbp
-
-    def after_update(self, previous, update, sample_obs) -> None:
-        self.cbp.step()
-
-    def scalars(self) -> dict[str, torch.Tensor]:
-        return {"plasticity/cbp_replacements": self.cbp.replacements.clone()}
-
-    def state_dict(self) -> dict:
-        return self.cbp.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cbp.load_state_dict(state)
-
-
 @dataclass
 class CBPFlags(MethodFlags):
     TAGS: ClassVar[dict[str, str]] = {"cbp": "cbp"}
@@ -279,9 +258,10 @@ class CBPFlags(MethodFlags):
         if self.cbp_utility not in CBP_UTILITIES:
             raise ValueError(f"unknown --cbp-utility {self.cbp_utility!r}; choose one of {', '.join(CBP_UTILITIES)}")
 
-    def build(self, parts: Parts) -> CBPAfterUpdate | None:
+    def build(self, parts: Parts) -> EveryUpdate | None:
         if not self.cbp:
             return None
-        return CBPAfterUpdate(ContinualBackprop(parts.model, parts.optimizer, self.cbp_replacement_rate,
-                                                int(self.cbp_maturity), self.cbp_decay, self.cbp_utility,
-                                                parts.generator))
+        cbp = ContinualBackprop(parts.model, parts.optimizer, self.cbp_replacement_rate, int(self.cbp_maturity),
+                                self.cbp_decay, self.cbp_utility, parts.generator)
+        # Counted in place: a copy, so a logger holding it sees this step's value.
+        return EveryUpdate("cbp", cbp, lambda: {"plasticity/cbp_replacements": cbp.replacements.clone()})

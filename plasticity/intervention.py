@@ -79,6 +79,25 @@ class Intervention:
         pass
 
 
+class EveryUpdate(Intervention):
+    """A method whose ``step()`` runs after every update (CBP, SWR); checkpointed through its own state_dict."""
+
+    def __init__(self, name: str, method, scalars: Callable[[], dict[str, torch.Tensor]]):
+        self.name, self.method, self._scalars = name, method, scalars
+
+    def after_update(self, previous: int, update: int, sample_obs: SampleObs | None) -> None:
+        self.method.step()
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return self._scalars()
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+
 class MethodFlags:
     """Base of a method's flags dataclass.
 

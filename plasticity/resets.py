@@ -223,18 +223,36 @@ def reset_head_(model: nn.Module, optimizer: torch.optim.Optimizer | None, targe
 
 # ---- the resets as interventions, and their flags ----
 
-class ShrinkAndPerturb(Intervention):
+class CountedEvent(Intervention):
+    """A method that fires now and then; counts its events on the device and logs the count under ``tag``."""
+
+    tag = ""
+
+    def __init__(self, model: nn.Module):
+        self.events = Counter(next(model.parameters()).device)
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {self.tag: self.events.value()}
+
+    def state_dict(self) -> dict:
+        return {"events": self.events.value()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.events.count.copy_(state["events"])
+
+
+class ShrinkAndPerturb(CountedEvent):
     """S&P every ``every`` updates, or at task switches when ``every`` is 0; optimiser state is kept (§6)."""
 
-    name = "snp"
+    name, tag = "snp", "plasticity/snp_applications"
 
     def __init__(self, model: nn.Module, alpha: float, every: int, generator: torch.Generator):
+        super().__init__(model)
         self.model, self.alpha, self.every, self.generator = model, alpha, every, generator
-        self.applications = Counter(next(model.parameters()).device)
 
     def _apply(self) -> None:
         shrink_and_perturb_(self.model, self.alpha, self.generator)
-        self.applications.add()
+        self.events.add()
 
     def after_update(self, previous, update, sample_obs) -> None:
         if crossed(previous, update, self.every):
@@ -244,24 +262,15 @@ class ShrinkAndPerturb(Intervention):
         if self.every == 0:
             self._apply()
 
-    def scalars(self) -> dict[str, torch.Tensor]:
-        return {"plasticity/snp_applications": self.applications.value()}
 
-    def state_dict(self) -> dict:
-        return {"applications": self.applications.value()}
+class PeriodicReDo(CountedEvent):
+    """ReDo every ``every`` updates on ``batch_size`` replay observations from ``sample_obs``; counts units reset."""
 
-    def load_state_dict(self, state: dict) -> None:
-        self.applications.count.copy_(state["applications"])
-
-
-class PeriodicReDo(Intervention):
-    """ReDo every ``every`` updates on ``batch_size`` replay observations from ``sample_obs``."""
-
-    name = "redo"
+    name, tag = "redo", "plasticity/redo_resets"
 
     def __init__(self, redo: ReDo, every: int, batch_size: int = REDO_BATCH_SIZE):
+        super().__init__(redo.model)
         self.redo, self.every, self.batch_size = redo, every, batch_size
-        self.resets = Counter(next(redo.model.parameters()).device)
 
     def after_update(self, previous, update, sample_obs) -> None:
         if not crossed(previous, update, self.every):
@@ -269,31 +278,22 @@ class PeriodicReDo(Intervention):
         if sample_obs is None:
             raise ValueError("ReDo is on (--redo-every > 0): pass sample_obs, a function returning a batch of "
                              "replay observations, to after_step")
-        self.resets.add(self.redo.reset(sample_obs(self.batch_size)))
-
-    def scalars(self) -> dict[str, torch.Tensor]:
-        return {"plasticity/redo_resets": self.resets.value()}
-
-    def state_dict(self) -> dict:
-        return {"resets": self.resets.value()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.resets.count.copy_(state["resets"])
+        self.events.add(self.redo.reset(sample_obs(self.batch_size)))
 
 
-class HeadReset(Intervention):
+class HeadReset(CountedEvent):
     """Head reset (and its target copy) every ``every`` updates, or at task switches when ``every`` is −1 (§8)."""
 
-    name = "reset_head"
+    name, tag = "reset_head", "plasticity/head_resets"
 
     def __init__(self, parts: Parts, every: int):
+        super().__init__(parts.model)
         self.parts, self.every = parts, every
-        self.resets = Counter(next(parts.model.parameters()).device)
 
     def _apply(self) -> None:
         parts = self.parts
         reset_head_(parts.model, parts.optimizer, parts.target_model, parts.generator)
-        self.resets.add()
+        self.events.add()
 
     def after_update(self, previous, update, sample_obs) -> None:
         if crossed(previous, update, self.every):
@@ -302,15 +302,6 @@ class HeadReset(Intervention):
     def on_task_switch(self) -> None:
         if self.every == AT_TASK_SWITCHES:
             self._apply()
-
-    def scalars(self) -> dict[str, torch.Tensor]:
-        return {"plasticity/head_resets": self.resets.value()}
-
-    def state_dict(self) -> dict:
-        return {"resets": self.resets.value()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.resets.count.copy_(state["resets"])
 
 
 @dataclass

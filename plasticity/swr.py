@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from plasticity.flags import UNIT_INTERVAL, ranged
-from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
+from plasticity.intervention import EveryUpdate, MethodFlags, Parts, Setting
 from plasticity.networks import layer_map
 
 SWR_COEF = UNIT_INTERVAL  # λ of --swr and --swr-head
@@ -134,27 +134,6 @@ class SoftWeightRescaling:
 # ---- SWR as an intervention, and its flags ----
 
 
-class SWRAfterUpdate(Intervention):
-    """SWR after every update; logs the output scale (``swr_logit_scale`` for categorical heads, §13)."""
-
-    name = "swr"
-
-    def __init__(self, swr: SoftWeightRescaling, tag: str):
-        self.swr, self.tag = swr, tag
-
-    def after_update(self, previous, update, sample_obs) -> None:
-        self.swr.step()
-
-    def scalars(self) -> dict[str, torch.Tensor]:
-        return {self.tag: self.swr.last_scale}
-
-    def state_dict(self) -> dict:
-        return self.swr.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.swr.load_state_dict(state)
-
-
 @dataclass
 class SWRFlags(MethodFlags):
     TAGS: ClassVar[dict[str, str]] = {"swr": "swr", "swr_head": "swrhead"}
@@ -172,10 +151,12 @@ class SWRFlags(MethodFlags):
                              "the softmax temperature (and can change greedy actions): add --layer-norm, or give "
                              "--swr-head explicitly (e.g. --swr-head 0 keeps the head's weights unscaled)")
 
-    def build(self, parts: Parts) -> SWRAfterUpdate | None:
+    def build(self, parts: Parts) -> EveryUpdate | None:
         if self.swr == 0:
             return None
         categorical = parts.setting.categorical
         head_coef = self.swr_head if self.swr_head is not None else (0.0 if categorical else self.swr)
         tag = "plasticity/swr_logit_scale" if categorical else "plasticity/swr_scale"
-        return SWRAfterUpdate(SoftWeightRescaling(parts.model, self.swr, head_coef), tag)
+        swr = SoftWeightRescaling(parts.model, self.swr, head_coef)
+        # The factor the outputs were just multiplied by: Q-values, or logits (a temperature) when categorical.
+        return EveryUpdate("swr", swr, lambda: {tag: swr.last_scale})

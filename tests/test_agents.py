@@ -396,3 +396,17 @@ def test_bf16_on_a_cpu_without_native_bfloat16_says_it_will_be_slower(tmp_path, 
     monkeypatch.setattr(experiment, "cpu_has_native_bf16", lambda: False)
     run_agent(mdp_args("dqn", tmp_path / "runs", mnist_dir, bf16=True, total_timesteps=120))
     assert "no native bfloat16" in capsys.readouterr().err
+
+
+def test_a_crash_inside_the_loop_marks_the_run_failed_and_keeps_its_traceback(tmp_path, mnist_dir, monkeypatch):
+    """No module-level "active run": the run's own ``with`` block writes the failed status."""
+    def broken_record(self, global_step, step):
+        if global_step == 120:
+            raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(experiment.Run, "record", broken_record)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        run_agent(mdp_args("dqn", tmp_path, mnist_dir))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "a bug in the loop" in status["message"]
+    assert not hasattr(experiment, "_active_run")

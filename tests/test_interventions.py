@@ -119,9 +119,9 @@ def test_flags_object_builds_the_methods_it_enables_with_its_values():
     assert interventions.enabled == ("l2", "cbp", "swr", "snp", "reset_head")  # the order of events
     methods = interventions.methods
     assert methods["l2"].term.coef == 1e-5
-    assert methods["swr"].swr.coef == 0.01 and methods["swr"].swr.head_coef == 0.01
-    assert methods["cbp"].cbp.maturity == 1000 and methods["cbp"].cbp.utility == "adaptable"
-    assert methods["cbp"].cbp.replacement_rate == 1e-4 and methods["cbp"].cbp.decay == 0.99  # defaults
+    assert methods["swr"].method.coef == 0.01 and methods["swr"].method.head_coef == 0.01
+    assert methods["cbp"].method.maturity == 1000 and methods["cbp"].method.utility == "adaptable"
+    assert methods["cbp"].method.replacement_rate == 1e-4 and methods["cbp"].method.decay == 0.99  # defaults
     assert methods["snp"].every == 0 and interventions.target_model is target
     assert torch.equal(interventions.generator.get_state(), torch.Generator().manual_seed(generator_seed(3)).get_state())
     with pytest.raises(TypeError, match="not both"):
@@ -148,12 +148,12 @@ def test_periodic_methods_fire_when_a_multiple_is_crossed():
     fired_snp, fired_head = [], []
     for step in range(4, 44, 4):
         _update(model, optimizer, interventions, generator)
-        snp_before = interventions.methods["snp"].applications.count.item()
-        head_before = interventions.methods["reset_head"].resets.count.item()
+        snp_before = interventions.methods["snp"].events.count.item()
+        head_before = interventions.methods["reset_head"].events.count.item()
         interventions.after_step(step)
-        if interventions.methods["snp"].applications.count.item() > snp_before:
+        if interventions.methods["snp"].events.count.item() > snp_before:
             fired_snp.append(step)
-        if interventions.methods["reset_head"].resets.count.item() > head_before:
+        if interventions.methods["reset_head"].events.count.item() > head_before:
             fired_head.append(step)
             assert torch.equal(target.head.weight, model.head.weight)
     assert fired_snp == [12, 20, 32, 40]
@@ -170,7 +170,7 @@ def test_task_switch_methods():
     interventions.on_task_switch()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert torch.equal(target.head.weight, model.head.weight)
-    assert interventions.methods["snp"].applications.count.item() == 1 and interventions.methods["reset_head"].resets.count.item() == 1
+    assert interventions.methods["snp"].events.count.item() == 1 and interventions.methods["reset_head"].events.count.item() == 1
 
 
 def test_redo_runs_on_sampled_replay_states():
@@ -206,7 +206,7 @@ def test_cbp_runs_before_swr_so_swr_scales_the_corrected_network_exactly():
     with torch.no_grad():
         before = model(x)
     interventions.after_step(1)
-    assert sorted(interventions.methods["cbp"].cbp.last_replaced["torso.1"].tolist()) == [2, 7]
+    assert sorted(interventions.methods["cbp"].method.last_replaced["torso.1"].tolist()) == [2, 7]
     scale = interventions.scalars()["plasticity/swr_scale"]
     assert abs(scale.item() - 1) > 0.05
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_checkpoint_resume_continues_identically(tmp_path):
     generator = torch.Generator().set_state(checkpoint["data"])
     _run(resumed, resumed_target, resumed_optimizer, resumed_interventions, range(13, 25), generator)
 
-    assert interventions.methods["cbp"].cbp.total_replacements > 0 and interventions.methods["reset_head"].resets.count.item() == 2
+    assert interventions.methods["cbp"].method.total_replacements > 0 and interventions.methods["reset_head"].events.count.item() == 2
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(target.parameters(), resumed_target.parameters()):
@@ -300,4 +300,4 @@ def test_all_methods_on_cuda():
     scalars = interventions.scalars()
     assert all(v.device.type == "cuda" for v in scalars.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert interventions.methods["cbp"].cbp.total_replacements > 0
+    assert interventions.methods["cbp"].method.total_replacements > 0
