@@ -7,8 +7,9 @@ same process, the compute floor
 
     floor = update time / train_frequency + action selection + env step   (seconds per env step)
 
-and reports the SPS as a fraction of 1/floor.  Then the bytes per stored Atari transition
-and the image-MDP training SPS.
+and reports the SPS as a fraction of 1/floor.  The timed update is the agent's own: its
+module's QNetwork, Adam and ``td_loss``, built as its ``main()`` builds them (``AgentUpdate``).
+Then the bytes per stored Atari transition and the image-MDP training SPS.
 
     python scripts/benchmarks/bench.py agents                       # CPU; --device cuda on a GPU machine
     python scripts/benchmarks/bench.py agents --steps 12000 --agents dqn
@@ -29,7 +30,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from agents import c51, dqn
 from envs.atari import AtariEnv
 from envs.replay_buffer import make_replay_buffer
-from plasticity.losses import c51_atoms, c51_loss, c51_project, regression_loss
+from plasticity.interventions import Interventions
+from plasticity.losses import CATEGORICAL_LOSSES, CategoricalSupport, c51_atoms
+from plasticity.networks import torso_precision
 
 AGENTS = {"dqn": dqn, "c51": c51}
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mnist"
@@ -49,11 +52,66 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5", repeats: int = 30) -> dict:
-    """Update, action-selection and env-step times of the agent's own network, buffer and env."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interventions: Interventions) -> None:
+    """The update lines of the main loop of agents/dqn.py and agents/c51.py; keep them in step with it.
+
+    The floor leaves out the loop's bookkeeping around them (``run.log_update`` and
+    ``diagnostics.record_grad_norm()``, one grad-norm reduction per update): that overhead is part
+    of what the measured SPS, as a fraction of the floor, shows.
+    """
+    optimizer.zero_grad()
+    (loss + interventions.penalty()).backward()
+    optimizer.step()
+
+
+class AgentUpdate:
+    """One training update of an agent, with the agent module's own QNetwork, optimiser and ``td_loss``.
+
+    The networks and Adam are built as the agent's ``main()`` builds them; calling the object runs
+    the loop's update: sample a batch, ``module.td_loss`` under ``--bf16``'s torso precision, then
+    ``optimizer_step``.  ``td_loss`` is looked up on the module at every call (the tests spy on it).
+    """
+
+    def __init__(self, module, args, env, buffer):
+        device = torch.device("cuda" if args.cuda else "cpu")
+        torch.backends.cudnn.deterministic = args.torch_deterministic  # as the run harness sets it
+        # The QNetwork's last argument and Adam's keywords, as in each agent's main().
+        if module is c51:
+            head = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
+            adam = dict(eps=args.adam_eps)
+        else:
+            head = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device,
+                                       sigma_ratio=args.hl_gauss_sigma) if args.loss in CATEGORICAL_LOSSES else None)
+            adam = {}
+        self.module, self.args, self.buffer = module, args, buffer
+        self.q_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
+        self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=args.learning_rate, fused=True, **adam)
+        self.target_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
+        self.target_network.load_state_dict(self.q_network.state_dict())
+        self.interventions = Interventions(self.q_network, self.optimizer, args, target_model=self.target_network,
+                                           seed=args.seed)  # the args' methods (none by default: penalty() is 0)
+
+    def __call__(self) -> None:
+        batch = self.buffer.sample(self.args.batch_size)
+        with torso_precision(torch.bfloat16 if self.args.bf16 else None):  # the loop's run.mixed_precision()
+            loss, _ = self.module.td_loss(self.q_network, self.target_network, batch, self.args)
+        optimizer_step(self.optimizer, loss, self.interventions)
+
+
+def agent_update(module, args, env, buffer) -> AgentUpdate:
+    """The agent's update as a callable (see ``AgentUpdate``)."""
+    return AgentUpdate(module, args, env, buffer)
+
+
+def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5", repeats: int = 30,
+                  **flags) -> dict:
+    """Update, action-selection and env-step times of the agent's own network, loss, buffer and env.
+
+    ``flags`` go to the agent's ``Args`` (e.g. ``bf16=True``).
+    """
     module = AGENTS[agent]
     args = module.Args(env_id=game, cuda=device.type == "cuda", total_timesteps=10_000, learning_starts=0,
-                       buffer_size=1000)
+                       buffer_size=1000, **flags)
     env = AtariEnv(game, num_envs=1, seed=0, device=device, sticky_actions=0.0)
     obs, _ = env.reset(seed=0)
     buffer = make_replay_buffer(env.obs_shape, 1000, 1, device, seed=0)
@@ -62,35 +120,11 @@ def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5
         next_obs, reward, terminated, truncated, info = env.step(actions)
         buffer.add(obs, actions, info["learn_reward"], next_obs, terminated, truncated, valid=~info["reset_step"])
         obs = next_obs
-    if agent == "dqn":
-        network = module.QNetwork(env.obs_shape, env.num_actions, args, None).to(device)
-        optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, fused=True)
-    else:
-        atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
-        network = module.QNetwork(env.obs_shape, env.num_actions, args, atoms).to(device)
-        optimizer = torch.optim.Adam(network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    target = type(network)(env.obs_shape, env.num_actions, args, *((None,) if agent == "dqn" else (atoms,))).to(device)
-
-    def update() -> None:
-        # The agents' update: sample, target forward, online forward, loss, backward, Adam.
-        batch = buffer.sample(args.batch_size)
-        index = torch.arange(args.batch_size, device=device)
-        with torch.no_grad():
-            if agent == "dqn":
-                targets = batch.rewards + args.gamma * target.q_values(batch.next_obs).max(1).values
-            else:
-                next_pmfs = torch.softmax(target(batch.next_obs), dim=2)
-                next_pmf = next_pmfs[index, (next_pmfs * atoms).sum(2).argmax(1)]
-                targets = c51_project(next_pmf, batch.rewards, batch.terminated.float(), args.gamma, atoms)
-        out = network(batch.obs)[index, batch.actions]
-        loss = regression_loss("mse", out, targets) if agent == "dqn" else c51_loss(out, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    update = agent_update(module, args, env, buffer)
 
     def act() -> None:
         with torch.no_grad():
-            network.q_values(obs).argmax(1)
+            update.q_network.q_values(obs).argmax(1)
 
     def env_step() -> None:
         env.step(actions)
