@@ -1,6 +1,6 @@
 """Plasticity diagnostics: every metric of spec diagnostics.md, computed on the model's device.
 
-Usage in an agent (tags are returned ready for ``writer.add_scalar``)::
+Usage in an agent or any other training loop (tags are returned ready for ``writer.add_scalar``)::
 
     diagnostics = Diagnostics(q_network, support=atoms)          # after q_network.to(device)
     ...
@@ -10,6 +10,10 @@ Usage in an agent (tags are returned ready for ``writer.add_scalar``)::
     if step % args.diag_every == 0:
         for tag, value in diagnostics.measure(obs, td_targets, clip_range=support.clip_range(loss)).items():
             writer.add_scalar(tag, value, step)
+
+A regression model or classifier is measured with ``Diagnostics(model).measure(obs)``
+(its outputs stand for the Q-values in ``q_mean``/``q_std``); ``td_targets`` may be
+any regression targets.
 
 Cost rules (diagnostics.md): one probe forward in eval mode, one SVD of the
 features, per-layer statistics vectorised over units, and every scalar of an

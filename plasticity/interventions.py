@@ -1,8 +1,9 @@
-"""Every plasticity intervention of the agents behind one object (spec methods.md §2-§8).
+"""Every plasticity method behind one object, for the agents or any PyTorch loop (spec methods.md §2-§8).
 
 The loop stays a few visible lines:
 
     interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed)
+    # or, flags as keywords: Interventions(model, optimizer, swr=1e-3, cbp=True, redo_every=100)
     loss = td_loss + interventions.penalty()                   # L2, L2-Init
     optimizer.zero_grad(); loss.backward(); optimizer.step()
     interventions.after_step(update, sample_obs)               # CBP, SWR, S&P, ReDo, head reset

@@ -1,8 +1,8 @@
-"""Value losses for the agents: regression, HL-Gauss, two-hot (spec methods.md §9) and C51 (§10).
+"""Value losses: regression, HL-Gauss, two-hot (spec methods.md §9) and C51 (§10), for any value head.
 
 Shapes: regression heads output ``[B, A]`` and the loss sees the taken-action
 values ``q_taken [B]``; categorical heads output ``[B, A * N]``, reshaped by the
-agent to ``[B, A, N]``, and the losses here see the taken-action logits
+caller to ``[B, A, N]``, and the losses here see the taken-action logits
 ``[B, N]``.  Everything is vectorised and stays on the input's device.
 """
 

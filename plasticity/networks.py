@@ -1,4 +1,4 @@
-"""Torsos shared by both agents, and the layer map every method and diagnostic uses.
+"""Torsos, and the layer map every method and diagnostic uses (on any model, not only these torsos).
 
 Every torso is an ``nn.Sequential`` whose hidden blocks are
 ``Linear/Conv2d -> LayerNorm (or Identity) -> ReLU`` (spec methods.md §1: LN on the
@@ -8,7 +8,7 @@ addressable by their module name, e.g. ``torso.0`` when the torso is stored as
 
 ``hidden_layers(model)`` discovers those blocks by walking the model's modules in
 registration order, so a model must register its modules in forward order
-(torso first, then head) -- both agents do.
+(torso first, then head) -- both agents do, and so does ``nn.Sequential(torso, head)``.
 
 ``torso_precision(torch.bfloat16)`` runs every torso's layers under autocast inside
 a block (the agents' ``--bf16`` updates); features leave the torso as float32, so

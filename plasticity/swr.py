@@ -28,10 +28,13 @@ C < 1 (the usual case once norms exceed their initial values) every action's
 distribution flattens, Q is pulled toward the centre of the support, and the
 greedy action can flip (§13.3: atoms (−10, 0, 10), logits A = (0, −100, 1),
 B = (−100, 0, −0.5): E_A = 4.62 > E_B = 3.78 at C = 1, but 0.50 < 4.87 at
-C = 0.1).  Hence the agents default λ_h = 0 for categorical losses with
-``--layer-norm`` (logits invariant), and require an explicit ``--swr-head``
-for categorical losses without it (then the logits scale by Π_l c_l, logged
-as ``plasticity/swr_logit_scale``).  Regression heads keep λ_h = λ.
+C = 0.1).  Hence ``SWRFlags`` (the agents' flags) defaults λ_h = 0 for
+categorical losses with ``--layer-norm`` (logits invariant), and requires an
+explicit ``--swr-head`` for categorical losses without it (then the logits
+scale by Π_l c_l, logged as ``plasticity/swr_logit_scale``).  Regression heads
+keep λ_h = λ.  ``SoftWeightRescaling`` itself knows no loss: called directly it
+defaults λ_h = λ, so give ``head_coef`` for a categorical head (0 with LayerNorm
+keeps the logits).
 
 Cost (§4.4): one fused norm over all weights, a few tiny kernels for the
 factors, and one in-place multiply per tensor; no host-device synchronisation.

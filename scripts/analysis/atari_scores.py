@@ -1,6 +1,6 @@
 """Human-normalised Atari scores: (score − random) / (human − random), per game.
 
-The reference scores and their source are in ``scripts/data/atari_human_random.csv``.
+The reference scores and their source are in ``scripts/analysis/data/atari_human_random.csv``.
 Only game scores can be normalised: ``charts/episodic_return`` of a single-game
 run, the per-game ``charts/episodic_return/<Game>`` of a run that cycles games,
 and ``charts/task_return`` when the tasks do not change the game.

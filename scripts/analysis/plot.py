@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points "
                         "before alignment (1: none)")
     parser.add_argument("--human-normalized", action="store_true",
-                        help="Atari returns as (score - random) / (human - random), scripts/data/atari_human_random.csv; "
+                        help="Atari returns as (score - random) / (human - random), scripts/analysis/data/atari_human_random.csv; "
                         "runs of different games may then share a group (the bootstrap is stratified by game)")
     parser.add_argument("--out", help="figure file (.png/.svg/.pdf; default plot.png), or with --table a Markdown file")
     parser.add_argument("--formats", nargs="+", help="write the figure in these formats (png svg pdf) next to --out")
