@@ -84,3 +84,119 @@ def test_bench_agents_has_no_hand_written_target():
                     "next_distribution"}
     used = loss_helpers & _names(tree)
     assert not used, f"bench_agents.py uses the loss pieces {sorted(used)} itself; call the agent's td_loss"
+
+
+# --- every benchmark (but CleanRL's reference loop) times the agents' code, never a hand-written copy ---
+
+BENCHMARKS = BENCH_AGENTS.parent
+#: bench_reference.py is CleanRL's own loop on purpose: the reference the agents are compared with.
+AGENT_CODE_BENCHMARKS = sorted(path for path in BENCHMARKS.glob("*.py") if path.name != "bench_reference.py")
+#: Loss pieces a benchmark would only touch to rebuild an agent's update itself.
+LOSS_PIECES = {"regression_loss", "c51_loss", "c51_project", "categorical_cross_entropy", "mse_loss", "MSELoss",
+               "huber_loss", "smooth_l1_loss", "HuberLoss", "SmoothL1Loss"}
+
+
+def hand_written_update_code(source: str, filename: str) -> list[str]:
+    """What in ``source`` rebuilds an agent's update instead of calling it (empty: nothing)."""
+    tree = ast.parse(source, filename)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "gamma":
+            found.append(f"line {node.lineno}: reads .gamma (a hand-written TD target?)")
+        elif isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Compare)) and "terminated" in _names(node):
+            found.append(f"line {node.lineno}: computes with `terminated` (a hand-written TD target?)")
+        elif isinstance(node, ast.ClassDef) and node.name == "QNetwork":
+            found.append(f"line {node.lineno}: defines its own QNetwork; build the agent's (agents.dqn/c51.QNetwork)")
+    names = _names(tree) | {alias.asname or alias.name.rsplit(".", 1)[-1]
+                            for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                            for alias in node.names}
+    found += [f"uses the loss piece {name}; call the agent's td_loss" for name in sorted(LOSS_PIECES & names)]
+    # .backward() only in bench_agents.optimizer_step, the copy of the agents' update lines.
+    allowed = set()
+    if filename == BENCH_AGENTS.name:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "optimizer_step":
+                allowed |= {id(sub) for sub in ast.walk(node)}
+    found += [f"line {node.lineno}: calls .backward() outside bench_agents.optimizer_step" for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward"
+              and id(node) not in allowed]
+    return found
+
+
+def test_the_check_covers_the_benchmarks():
+    names = {path.name for path in AGENT_CODE_BENCHMARKS}
+    assert {"bench_agents.py", "bench_diagnostics.py", "bench_plasticity.py", "bench_atari.py"} <= names
+    assert "bench_reference.py" not in names
+
+
+@pytest.mark.parametrize("path", AGENT_CODE_BENCHMARKS, ids=lambda path: path.name)
+def test_benchmark_has_no_hand_written_update(path):
+    found = hand_written_update_code(path.read_text(), path.name)
+    assert not found, f"{path.name} rebuilds the agents' update: " + "; ".join(found)
+
+
+HAND_WRITTEN = '''
+import torch.nn.functional as F
+from plasticity.losses import c51_project
+
+class QNetwork(torch.nn.Module):
+    pass
+
+def update(batch, args):
+    with torch.no_grad():
+        targets = batch.rewards + args.gamma * next_q * (1 - batch.terminated.float())
+    loss = F.mse_loss(taken, targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+'''
+
+
+def test_the_check_catches_a_hand_written_update():
+    """The forms the old bench_diagnostics / bench_plasticity updates had (their own QNetwork, MSE, backward)."""
+    found = "\n".join(hand_written_update_code(HAND_WRITTEN, "bench_example.py"))
+    for expected in (".gamma", "`terminated`", "own QNetwork", "mse_loss", "c51_project", ".backward()"):
+        assert expected in found, (expected, found)
+    # bench_agents.optimizer_step is where the agents' `(loss + penalty).backward()` line is kept, and only there.
+    assert not hand_written_update_code(BENCH_AGENTS.read_text(), BENCH_AGENTS.name)
+    moved = BENCH_AGENTS.read_text().replace("def optimizer_step(", "def some_other_step(")
+    assert any(".backward()" in line for line in hand_written_update_code(moved, BENCH_AGENTS.name))
+
+
+def test_bench_plasticity_times_the_agents_update_with_the_agents_methods(monkeypatch, one_thread):
+    """Plain update: dqn's td_loss with no method on; SWR and CBP: the Interventions of dqn.Args(--swr, --cbp)."""
+    from scripts.benchmarks import bench_plasticity
+
+    real, calls = dqn.td_loss, []
+    monkeypatch.setattr(dqn, "td_loss", lambda q, target, batch, args: calls.append((q, target, args))
+                        or real(q, target, batch, args))
+    built = []
+    real_update = bench_plasticity.agent_update
+    monkeypatch.setattr(bench_plasticity, "agent_update", lambda *a: built.append(real_update(*a)) or built[-1])
+    results = bench_plasticity.bench_device(torch.device("cpu"), layer_norm=False, warmup=0, repeats=2)
+    plain, methods = built
+    assert plain.interventions.enabled == () and methods.interventions.enabled == ("cbp", "swr")
+    assert type(plain.q_network) is dqn.QNetwork and isinstance(methods.args, dqn.Args)
+    assert methods.args.swr == bench_plasticity.SWR and methods.args.cbp and methods.args.cbp_maturity == 0
+    assert plain.q_network.head.out_features == 18  # the full action set, as the docs' figures
+    # Two rounds (plain + with methods) and two replacing steps, all through dqn.td_loss.
+    assert [q for q, _, _ in calls] == [plain.q_network, methods.q_network] * 2 + [methods.q_network] * 2
+    assert results["cbp_replacements"] >= len(methods.interventions.methods["cbp"].method.stats) * 2
+    assert results["update"] > 0 and results["with_methods"] > 0
+
+
+def test_bench_diagnostics_times_the_agents_update(monkeypatch, one_thread):
+    """--n-atoms > 1 times c51's own update (td_loss, networks), and 1 the DQN agent's."""
+    from scripts.benchmarks import bench_diagnostics
+
+    for module, atoms in ((c51, "5"), (dqn, "1")):
+        real, calls = module.td_loss, []
+        monkeypatch.setattr(module, "td_loss", lambda *a, real=real, calls=calls: calls.append(a) or real(*a))
+        results = bench_diagnostics.main(["--device", "cpu", "--probe-batch", "16", "--repeats", "1", "--updates",
+                                          "2", "--n-actions", "4", "--n-atoms", atoms])
+        assert len(calls) == 3 + 2 + 1  # warm-up, one timed block of --updates, the update before record_grad_norm
+        q_network, target_network, batch, args = calls[0]
+        assert type(q_network) is module.QNetwork and type(target_network) is module.QNetwork
+        assert isinstance(args, module.Args) and len(batch.actions) == args.batch_size == 32
+        assert q_network.head.out_features == 4 * (int(atoms) if module is c51 else 1)
+        assert results["update_ms"] > 0

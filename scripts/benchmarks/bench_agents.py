@@ -28,6 +28,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import c51, dqn
+from agents.harness.config import setting_of
 from envs.atari import AtariEnv
 from envs.replay_buffer import make_replay_buffer
 from plasticity.interventions import Interventions
@@ -67,9 +68,11 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interve
 class AgentUpdate:
     """One training update of an agent, with the agent module's own QNetwork, optimiser and ``td_loss``.
 
-    The networks and Adam are built as the agent's ``main()`` builds them; calling the object runs
-    the loop's update: sample a batch, ``module.td_loss`` under ``--bf16``'s torso precision, then
-    ``optimizer_step``.  ``td_loss`` is looked up on the module at every call (the tests spy on it).
+    The networks, Adam and ``Interventions`` are built as the agent's ``main()`` builds them, from
+    its ``args`` (so ``--swr`` / ``--cbp`` / ... in ``args`` switch on exactly the agent's methods).
+    Calling the object runs the loop's update: ``learn()`` (sample a batch, ``module.td_loss`` under
+    ``--bf16``'s torso precision, ``optimizer_step``), then ``interventions.after_step``, a no-op
+    when no method is on.  ``td_loss`` is looked up on the module at every call (the tests spy on it).
     """
 
     def __init__(self, module, args, env, buffer):
@@ -88,19 +91,46 @@ class AgentUpdate:
         self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=args.learning_rate, fused=True, **adam)
         self.target_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
+        # The args' methods (none by default: penalty() is 0), with the facts a run gives them (Atari, no shifts).
+        categorical = module is c51 or args.loss in CATEGORICAL_LOSSES
+        setting = setting_of(args, is_atari=True, categorical=categorical)
         self.interventions = Interventions(self.q_network, self.optimizer, args, target_model=self.target_network,
-                                           seed=args.seed)  # the args' methods (none by default: penalty() is 0)
+                                           seed=args.seed, setting=setting)
+        self.updates = 0  # the loop's 1-based update index, passed to interventions.after_step
 
-    def __call__(self) -> None:
+    def learn(self) -> None:
+        """The update's lines up to ``optimizer.step()``: sample, the agent's ``td_loss``, ``optimizer_step``."""
+        self.updates += 1
         batch = self.buffer.sample(self.args.batch_size)
         with torso_precision(torch.bfloat16 if self.args.bf16 else None):  # the loop's run.mixed_precision()
             loss, _ = self.module.td_loss(self.q_network, self.target_network, batch, self.args)
         optimizer_step(self.optimizer, loss, self.interventions)
 
+    def __call__(self) -> None:
+        self.learn()
+        self.interventions.after_step(self.updates, sample_obs=self.buffer.sample_obs)
+
 
 def agent_update(module, args, env, buffer) -> AgentUpdate:
     """The agent's update as a callable (see ``AgentUpdate``)."""
     return AgentUpdate(module, args, env, buffer)
+
+
+def atari_replay(game: str, device: torch.device | str, steps: int = 300, capacity: int = 1000,
+                 full_action_space: bool = False, seed: int = 0):
+    """An ``AtariEnv`` as the agents make it with ``--sticky-actions 0`` (CleanRL), and the agents' replay
+    buffer holding ``steps`` real transitions of uniformly random play.  Returns (env, buffer, last obs)."""
+    env = AtariEnv(game, num_envs=1, seed=seed, device=device, sticky_actions=0.0,
+                   full_action_space=full_action_space)
+    obs, _ = env.reset(seed=seed)
+    buffer = make_replay_buffer(env.obs_shape, capacity, 1, device, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        actions = torch.randint(env.num_actions, (1,), generator=generator).to(device)
+        next_obs, reward, terminated, truncated, info = env.step(actions)
+        buffer.add(obs, actions, info["learn_reward"], next_obs, terminated, truncated, valid=~info["reset_step"])
+        obs = next_obs
+    return env, buffer, obs
 
 
 def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5", repeats: int = 30,
@@ -112,14 +142,8 @@ def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5
     module = AGENTS[agent]
     args = module.Args(env_id=game, cuda=device.type == "cuda", total_timesteps=10_000, learning_starts=0,
                        buffer_size=1000, **flags)
-    env = AtariEnv(game, num_envs=1, seed=0, device=device, sticky_actions=0.0)
-    obs, _ = env.reset(seed=0)
-    buffer = make_replay_buffer(env.obs_shape, 1000, 1, device, seed=0)
+    env, buffer, obs = atari_replay(game, device)  # real frames in the buffer
     actions = torch.zeros(1, dtype=torch.long, device=device)
-    for _ in range(300):  # real frames in the buffer
-        next_obs, reward, terminated, truncated, info = env.step(actions)
-        buffer.add(obs, actions, info["learn_reward"], next_obs, terminated, truncated, valid=~info["reset_step"])
-        obs = next_obs
     update = agent_update(module, args, env, buffer)
 
     def act() -> None:

@@ -1,15 +1,20 @@
 """Cost of the plasticity diagnostics relative to training (spec diagnostics.md, "Cost rules").
 
 Times one default ``Diagnostics.measure`` event (Nature CNN, 4x84x84 uint8
-observations, 1024 probe samples, TD targets) against one DQN training update
-(batch 32, online forward + target forward + MSE on the taken action + backward
-+ Adam step), and reports the event's cost amortised over the updates between
-two events: ``diag_every / train_frequency`` (10,000 / 4 = 2,500 by default).
-The budget is ≤ 3 %.  The per-update ``record_grad_norm`` call is timed too,
-since it runs at every update rather than every event.  Training time here is
-updates only (no env steps, no acting), so the percentages are upper bounds.
-Rounds are interleaved (updates, one event, grad-norm calls) so that load from
-other processes hits both sides alike; medians are reported.
+observations, 1024 probe samples from the replay buffer, the agent's TD targets)
+against one training update of the agent itself: ``bench_agents.AgentUpdate``
+builds agents/dqn.py's (or, with ``--n-atoms`` > 1, agents/c51.py's) QNetwork,
+target network, fused Adam and Interventions from the agent's ``Args`` as its
+``main()`` does, and runs the loop's update (replay sample of 32, the agent's
+``td_loss``, backward, Adam step).  The event's cost is amortised over the
+updates between two events: ``diag_every / train_frequency`` (10,000 / 4 = 2,500
+by default).  The budget is ≤ 3 %.  The per-update ``record_grad_norm`` call is
+timed too, since it runs at every update rather than every event.  Training time
+here is updates only (no env steps, no acting), so the percentages are upper
+bounds.  Batches come from the agents' replay buffer holding real
+ALE/Breakout-v5 frames (random play; the ROMs ship with ale-py).  Rounds are
+interleaved (updates, one event, grad-norm calls) so that load from other
+processes hits both sides alike; medians are reported.
 
     python scripts/benchmarks/bench_diagnostics.py                       # CPU, or CUDA when available
     python scripts/benchmarks/bench_diagnostics.py --device cpu --rare   # also eNTK, Hessian, plasticity probe
@@ -26,14 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import tyro
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python scripts/benchmarks/bench_diagnostics.py` from a checkout
 
+from agents import c51, dqn  # noqa: E402
 from plasticity.diagnostics import Diagnostics  # noqa: E402
-from plasticity.networks import build_torso  # noqa: E402
+from scripts.benchmarks.bench_agents import agent_update, atari_replay  # noqa: E402
+
+GAME = "ALE/Breakout-v5"
+MINIMAL_ACTION_SET, FULL_ACTION_SET = 4, 18  # Breakout's minimal set; all Atari actions
 
 
 @dataclass
@@ -44,10 +51,10 @@ class Args:
     """probe observations per diagnostic event (the agents' --diag-batch)"""
     train_batch: int = 32
     """minibatch of one training update"""
-    n_actions: int = 18
-    """width of the Q head (18 = full Atari action set)"""
+    n_actions: int = FULL_ACTION_SET
+    """width of the Q head: 18 (full Atari action set) or 4 (Breakout's minimal set)"""
     n_atoms: int = 1
-    """> 1 times a categorical head with that many atoms (C51: 51)"""
+    """> 1 times the C51 agent (agents/c51.py) with that many atoms (its default: 51); 1: the DQN agent (MSE)"""
     layer_norm: bool = False
     """LayerNorm on every hidden pre-activation"""
     diag_every: int = 10_000
@@ -67,18 +74,6 @@ class Args:
     clock: str = "wall"
     """wall, or process (CPU time of this process: robust on a CPU shared with other jobs; CPU only)"""
     seed: int = 0
-
-
-class QNetwork(nn.Module):
-    """The agents' network: Nature CNN torso on uint8 pixels, linear head (A or A·N outputs)."""
-
-    def __init__(self, n_actions: int, n_atoms: int, layer_norm: bool):
-        super().__init__()
-        self.torso = build_torso("nature_cnn", (4, 84, 84), layer_norm=layer_norm)
-        self.head = nn.Linear(self.torso.out_features, n_actions * n_atoms)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(x.float() / 255.0))
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -106,54 +101,45 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.clock not in CLOCKS or (args.clock == "process" and device.type == "cuda"):
         raise ValueError(f"--clock must be wall or process (process only on CPU); got {args.clock!r} on {device}")
+    if args.n_actions not in (MINIMAL_ACTION_SET, FULL_ACTION_SET):
+        raise ValueError(f"--n-actions {args.n_actions}: {GAME} has {MINIMAL_ACTION_SET} actions (minimal set) or "
+                         f"{FULL_ACTION_SET} (full set)")
     torch.manual_seed(args.seed)
 
-    q_network = QNetwork(args.n_actions, args.n_atoms, args.layer_norm).to(device)
-    target_network = QNetwork(args.n_actions, args.n_atoms, args.layer_norm).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-4)
-    support = torch.linspace(-10.0, 10.0, args.n_atoms, device=device) if args.n_atoms > 1 else None
-    diagnostics = Diagnostics(q_network, support=support, n_actions=args.n_actions)
-
-    def pixels(n: int) -> torch.Tensor:
-        return torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, device=device)
-
-    obs, next_obs = pixels(args.train_batch), pixels(args.train_batch)
-    actions = torch.randint(0, args.n_actions, (args.train_batch,), device=device)
-    rewards = torch.randn(args.train_batch, device=device)
-
-    def q_values(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = network(x)
-        if support is None:
-            return out
-        return torch.softmax(out.view(len(x), args.n_actions, args.n_atoms), -1) @ support
-
-    def update(record: bool) -> None:
-        with torch.no_grad():
-            targets = rewards + 0.99 * q_values(target_network, next_obs).max(1).values
-        taken = q_values(q_network, obs).gather(1, actions.unsqueeze(1)).squeeze(1)
-        loss = F.mse_loss(taken, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        if record:
-            diagnostics.record_grad_norm()
-        optimizer.step()
-
-    probe_obs = pixels(args.probe_batch)
-    probe_targets = torch.randn(args.probe_batch, device=device) * 5
-    probe_actions = torch.randint(0, args.n_actions, (args.probe_batch,), device=device)
-    clip_range = (-10.0, 10.0) if support is not None else None
+    module = c51 if args.n_atoms > 1 else dqn
+    capacity = args.probe_batch + 200  # at least a probe batch of distinct transitions
+    agent_args = module.Args(env_id=GAME, cuda=device.type == "cuda", full_action_space=args.n_actions == FULL_ACTION_SET,
+                             layer_norm=args.layer_norm, batch_size=args.train_batch,
+                             train_frequency=args.train_frequency, diag_every=args.diag_every,
+                             diag_batch=args.probe_batch, seed=args.seed, total_timesteps=10_000, learning_starts=0,
+                             buffer_size=capacity, sticky_actions=0.0,
+                             **({"n_atoms": args.n_atoms} if module is c51 else {}))
+    env, buffer, _ = atari_replay(GAME, device, steps=capacity, capacity=capacity,
+                                  full_action_space=agent_args.full_action_space, seed=args.seed)
+    env.close()  # the buffer holds its frames; AgentUpdate reads only obs_shape and num_actions
+    update = agent_update(module, agent_args, env, buffer)  # the agent's networks, Adam and td_loss
+    q_network, target_network = update.q_network, update.target_network
+    # Diagnostics and the event's inputs as the agent's main() and run.diagnose build them.
+    support = q_network.atoms if module is c51 else None
+    clip_range = (agent_args.v_min, agent_args.v_max) if module is c51 else None
+    diagnostics = Diagnostics(q_network, dormant_tau=agent_args.dormant_tau, support=support,
+                              n_actions=env.num_actions)
+    probe = buffer.sample(agent_args.diag_batch)
+    with torch.no_grad():
+        probe_targets = module.td_targets(q_network, target_network, probe, agent_args)
+    probe_obs, probe_actions = probe.obs, probe.actions
 
     measure = lambda: diagnostics.measure(probe_obs, probe_targets, probe_actions, clip_range=clip_range)  # noqa: E731
     for _ in range(3):  # warm-up: allocator, kernels, LAPACK workspaces
-        update(True)
+        update()
+        diagnostics.record_grad_norm()
     measure()
     # Interleaved rounds, so that load from other processes hits both sides alike; medians reported.
     update_times, measure_times, record_times = [], [], []
     for _ in range(args.repeats):
-        update_times.append(timed(lambda: update(False), device, args.updates, args.clock))
+        update_times.append(timed(update, device, args.updates, args.clock))
         measure_times.append(timed(measure, device, clock=args.clock))
-        update(False)  # gradients in place for record_grad_norm
+        update()  # gradients in place for record_grad_norm
         record_times.append(timed(diagnostics.record_grad_norm, device, args.updates, args.clock))
     diagnostics.measure(probe_obs)  # restarts the grad-norm accumulator filled above
     update_s, measure_s = statistics.median(update_times), statistics.median(measure_times)
@@ -170,24 +156,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     results["total_cost_pct"] = results["measure_cost_pct"] + results["grad_norm_cost_pct"]
 
-    if args.rare:
-        rare_obs = probe_obs[: args.rare_batch]
-        rare_targets = probe_targets[: args.rare_batch]
-        rare_actions = probe_actions[: args.rare_batch]
+    if args.rare:  # as run.diagnose calls them: a replay batch, the agent's td_loss for the Hessian
+        rare = buffer.sample(args.rare_batch)
 
         def hessian_loss() -> torch.Tensor:
-            return F.mse_loss(q_values(q_network, rare_obs).gather(1, rare_actions.unsqueeze(1)).squeeze(1),
-                              rare_targets)
+            return module.td_loss(q_network, target_network, rare, agent_args)[0]
 
         results["entk_ms"] = 1e3 * timed(lambda: diagnostics.entk(probe_obs, probe_actions), device, clock=args.clock)
         results["hessian_ms"] = 1e3 * timed(lambda: diagnostics.hessian_max_eig(hessian_loss), device,
                                             clock=args.clock)
-        results["probe_fit_ms"] = 1e3 * timed(lambda: diagnostics.probe_fit_loss(rare_obs), device, clock=args.clock)
+        results["probe_fit_ms"] = 1e3 * timed(lambda: diagnostics.probe_fit_loss(rare.obs), device, clock=args.clock)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    head = f"categorical ({args.n_atoms} atoms)" if support is not None else "regression"
-    print(f"Nature CNN 4x84x84, {args.n_actions} actions, {head} head, layer_norm={args.layer_norm}, on {name}, "
-          f"{args.clock} clock")
+    head = f"C51 ({args.n_atoms} atoms)" if module is c51 else "DQN regression (MSE)"
+    print(f"agents/{module.__name__.rsplit('.', 1)[-1]}.py update: Nature CNN 4x84x84, {args.n_actions} actions, "
+          f"{head} head, layer_norm={args.layer_norm}, on {name}, {args.clock} clock")
     print(f"probe batch {args.probe_batch}, train batch {args.train_batch}, "
           f"{updates_per_event:.0f} updates per event (diag_every {args.diag_every} / train_frequency "
           f"{args.train_frequency})")

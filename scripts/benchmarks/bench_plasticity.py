@@ -1,11 +1,19 @@
-"""Per-update cost of Soft Weight Rescaling and Continual Backprop on the Nature CNN.
+"""Per-update cost of Soft Weight Rescaling and Continual Backprop on the DQN agent's Nature CNN.
 
-Measures, on a 4x84x84 Nature CNN Q-network (18 actions), batch 32, Adam:
-- a plain update: forward, MSE loss on the taken actions, backward, Adam step;
+The update is the DQN agent's own (agents/dqn.py through ``bench_agents.AgentUpdate``: its
+QNetwork on 4x84x84 frames with the full 18-action set, target network, fused Adam, ``td_loss``
+(MSE to r + γ(1 − terminated) max Q_target), batch 32 from its replay buffer of real
+ALE/Breakout-v5 frames).  The methods are switched on through the agent's ``Args``
+(``--swr 1e-3 --cbp --cbp-maturity 0``), so ``Interventions`` builds exactly what the agent runs.
+Measures:
+- a plain update: the agent's update with no method on;
+- the same update with ``--swr --cbp`` on: its update lines (CBP's activation hooks recording),
+  then each method's after-update hook in ``Interventions``' order (CBP, then SWR), timed apart:
 - ``SoftWeightRescaling.step()`` (target: ≤ 3% of an update, spec methods.md §4.4);
 - ``ContinualBackprop.step()`` (target: ≤ 15%) at ρ = 1e-4 with every unit eligible: the
   typical step (median), the amortised cost including the rare replacements (mean), and
-  a step that replaces one unit in every layer.
+  a step that replaces one unit in every layer;
+- the whole update with both methods (update lines + both steps) against the plain one.
 Each timing is the median (or mean, where said) over ``--repeats`` rounds after
 ``--warmup`` rounds: on CUDA wall time, synchronising around every call; on CPU the
 process's CPU time, so that other jobs on a shared machine do not distort it
@@ -23,25 +31,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from plasticity.cbp import ContinualBackprop
-from plasticity.networks import nature_cnn
-from plasticity.swr import SoftWeightRescaling
+from agents import dqn
+from scripts.benchmarks.bench_agents import agent_update, atari_replay
 
-BATCH, N_ACTIONS, OBS_SHAPE = 32, 18, (4, 84, 84)
-
-
-class QNetwork(nn.Module):
-    def __init__(self, layer_norm: bool):
-        super().__init__()
-        self.torso = nature_cnn(*OBS_SHAPE, layer_norm=layer_norm)
-        self.head = nn.Linear(self.torso.out_features, N_ACTIONS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(x))
-
-
+GAME, BATCH = "ALE/Breakout-v5", 32
+SWR, CBP_RATE = 1e-3, 1e-4
 def _timed(fn: Callable[[], object], cuda: bool) -> float:
     """CUDA: wall time with synchronisation. CPU: the process's CPU time, which other processes'
     load on a shared machine does not inflate (it sums over torch's threads)."""
@@ -57,46 +52,46 @@ def _timed(fn: Callable[[], object], cuda: bool) -> float:
 
 
 def bench_device(device: torch.device, layer_norm: bool, warmup: int, repeats: int) -> dict[str, float]:
-    """Interleaved timings (update, SWR step, CBP step in every round), so load drift on a shared
-    machine hits all three alike."""
+    """Interleaved timings (plain update, update with the methods, CBP step, SWR step in every round),
+    so load drift on a shared machine hits them all alike."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    model = QNetwork(layer_norm).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    obs = torch.rand(BATCH, *OBS_SHAPE, device=device)
-    actions = torch.randint(N_ACTIONS, (BATCH,), device=device)
-    targets = torch.randn(BATCH, device=device)
-    swr = SoftWeightRescaling(model, 1e-3)
+    flags = dict(env_id=GAME, cuda=cuda, full_action_space=True, sticky_actions=0.0, layer_norm=layer_norm,
+                 batch_size=BATCH, total_timesteps=10_000, learning_starts=0, buffer_size=1000, seed=0)
+    env, buffer, _ = atari_replay(GAME, device, full_action_space=True)
+    env.close()  # the buffer holds its frames; AgentUpdate reads only obs_shape and num_actions
+    plain = agent_update(dqn, dqn.Args(**flags), env, buffer)
     # m = 0: every unit is eligible, so replacements happen at the full rate ρ·n from the first step.
-    cbp = ContinualBackprop(model, optimizer, replacement_rate=1e-4, maturity=0,
-                            generator=torch.Generator(device=device).manual_seed(0))
+    methods = agent_update(dqn, dqn.Args(**flags, swr=SWR, cbp=True, cbp_replacement_rate=CBP_RATE, cbp_maturity=0),
+                           env, buffer)
+    hooks = methods.interventions.methods  # what interventions.after_step runs, in its order: cbp, swr
+    assert list(hooks) == ["cbp", "swr"], hooks
+    cbp = hooks["cbp"].method  # the ContinualBackprop the agent's Interventions built
 
-    def update() -> None:
-        q_taken = model(obs).gather(1, actions[:, None]).squeeze(1)
-        loss = nn.functional.mse_loss(q_taken, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def after(name: str) -> Callable[[], None]:
+        return lambda: hooks[name].after_update(methods.updates - 1, methods.updates, buffer.sample_obs)
 
-    times: dict[str, list[float]] = {"update": [], "swr": [], "cbp": []}
+    times: dict[str, list[float]] = {"update": [], "learn": [], "cbp": [], "swr": []}
     for i in range(warmup + repeats):
-        round_times = {"update": _timed(update, cuda), "swr": _timed(swr.step, cuda), "cbp": _timed(cbp.step, cuda)}
+        round_times = {"update": _timed(plain, cuda), "learn": _timed(methods.learn, cuda),
+                       "cbp": _timed(after("cbp"), cuda), "swr": _timed(after("swr"), cuda)}
         if i >= warmup:
             for key, value in round_times.items():
                 times[key].append(value)
 
     replacing = []
     for i in range(warmup + min(repeats, 50)):
-        update()
+        methods.learn()
         for stats in cbp.stats:
             stats.accumulator = 0.999999  # the next step replaces one unit in every layer
-        elapsed = _timed(cbp.step, cuda)
+        elapsed = _timed(after("cbp"), cuda)
         if i >= warmup:
             replacing.append(elapsed)
-    cbp.remove()
+    with_methods = [learn + c + w for learn, c, w in zip(times["learn"], times["cbp"], times["swr"])]
     return {"update": statistics.median(times["update"]), "swr": statistics.median(times["swr"]),
             "cbp_typical": statistics.median(times["cbp"]), "cbp_amortised": statistics.fmean(times["cbp"]),
-            "cbp_replacing": statistics.median(replacing), "cbp_replacements": cbp.total_replacements}
+            "cbp_replacing": statistics.median(replacing), "cbp_replacements": cbp.total_replacements,
+            "with_methods": statistics.median(with_methods)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,15 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"Nature CNN {OBS_SHAPE}, batch {BATCH}, Adam, layer_norm={args.layer_norm}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(f"agents/dqn.py update: Nature CNN (4, 84, 84), 18 actions, batch {BATCH}, fused Adam, MSE TD loss, "
+          f"layer_norm={args.layer_norm}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for name in devices:
         device = torch.device(name)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         results = bench_device(device, args.layer_norm, args.warmup, args.repeats)
         update = results["update"]
         clock = "wall time" if device.type == "cuda" else "process CPU time"
-        print(f"\n[{label}] plain update: {update * 1e3:.3f} ms (median {clock})")
+        print(f"\n[{label}] plain update (the agent's, no method on): {update * 1e3:.3f} ms (median {clock})")
         for key, text, target in (("swr", "SWR step (median)", 3.0),
                                   ("cbp_typical", "CBP step, typical (median)", 15.0),
                                   ("cbp_amortised", "CBP step at ρ=1e-4, amortised (mean)", 15.0),
@@ -125,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             share = 100 * results[key] / update
             verdict = "" if target is None else (f"  target ≤ {target:.0f}%: " + ("ok" if share <= target else "MISSED"))
             print(f"  {text:<44} {results[key] * 1e3:8.3f} ms  {share:6.2f}% of an update{verdict}")
+        print(f"  {'update with --swr --cbp (median)':<44} {results['with_methods'] * 1e3:8.3f} ms  "
+              f"{100 * (results['with_methods'] / update - 1):+6.2f}% over a plain update")
 
 
 if __name__ == "__main__":
