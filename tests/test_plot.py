@@ -45,8 +45,10 @@ def test_mean_aggregate_is_the_mean_of_task_means():
     tasks = [np.array([[0.0], [2.0], [4.0]]), np.array([[10.0]])]
     assert stats.aggregate(tasks, "mean") == pytest.approx([(2.0 + 10.0) / 2])
     assert stats.aggregate(tasks, "iqm") == pytest.approx([np.mean([2.0, 4.0])])  # pooled [0, 2, 4, 10]
+    three = [*tasks, np.array([[5.0], [7.0]])]  # task means 2, 10, 6: rliable's median is their median
+    assert stats.aggregate(three, "median") == pytest.approx([6.0])
     with pytest.raises(ValueError, match="unknown aggregate"):
-        stats.aggregate(tasks, "median")
+        stats.aggregate(tasks, "mode")
 
 
 def test_bootstrap_ci_on_enumerable_cases():
