@@ -32,6 +32,21 @@ size and mtime, so repeated loads only re-parse). A file with the wrong checksum
 or a malformed header is a ``ValueError`` that names the file and says to delete
 or re-download it. ``checksums`` overrides the canonical sums per file name, for
 custom or generated files in the same formats.
+
+Subsets: a folder whose files are a documented subset of a dataset (e.g. the
+2,000-image MNIST test subset shipped in ``tests/data/mnist``) carries a manifest
+``subset.json`` (``SUBSET_MANIFEST``) next to the files::
+
+    {"dataset": "mnist", "split": "test", "md5": {"t10k-images-idx3-ubyte.gz": "<md5>", ...},
+     "source": "...", "licence": "...", ...}
+
+When the folder the files were found in holds a manifest for the dataset being
+loaded, the md5 sums it lists replace the canonical ones for those files (an
+explicit ``checksums`` argument still wins), so ``--data-dir tests/data/mnist``
+just works. A file that does not match its manifest is the same ``ValueError``,
+naming the file and the manifest; an unreadable manifest is a ``ValueError``
+naming it. A manifest for another dataset is ignored (the canonical sums apply,
+so MNIST files are never taken for Fashion-MNIST).
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -58,6 +74,7 @@ NO_DOWNLOAD_ENV_VAR = "PLASTICITY_NO_DOWNLOAD"
 
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
+SUBSET_MANIFEST = "subset.json"  # md5 sums of a subset's files, next to them (module docstring)
 
 
 @dataclass(frozen=True)
@@ -157,14 +174,23 @@ def md5_of_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def verify_md5(path: str | os.PathLike, expected_md5: str) -> None:
-    """Raise ValueError unless the file hashes to ``expected_md5``; cached per path, size and mtime."""
+def verify_md5(path: str | os.PathLike, expected_md5: str, listed_in: str | os.PathLike | None = None) -> None:
+    """Raise ValueError unless the file hashes to ``expected_md5``; cached per path, size and mtime.
+
+    ``listed_in``: the subset manifest the sum comes from (named in the error), else the canonical sum.
+    """
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected_md5)
     if key in _verified_files:
         return
     actual = md5_of_file(path)
+    if actual != expected_md5 and listed_in is not None:
+        raise ValueError(
+            f"{path}: md5 {actual} does not match the {expected_md5} listed in {listed_in}; the file is "
+            "corrupt, truncated or was changed. Restore it (or regenerate the subset with the script the "
+            "manifest names)."
+        )
     if actual != expected_md5:
         raise ValueError(
             f"{path}: md5 {actual} does not match the expected {expected_md5}; the file is corrupt, "
@@ -386,12 +412,39 @@ def _read_archive_members(archive: Path, source: DatasetSource, files: list[str]
 
 
 # ---------------------------------------------------------------------------
+# Subset manifests
+# ---------------------------------------------------------------------------
+def read_subset_manifest(folder: Path, name: str) -> tuple[dict[str, str], Path | None]:
+    """md5 per file from ``folder/subset.json`` when it describes dataset ``name``; ``({}, None)`` otherwise."""
+    path = folder / SUBSET_MANIFEST
+    if not path.is_file():
+        return {}, None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable subset manifest ({error}). Restore it or delete it.") from error
+    sums = manifest.get("md5") if isinstance(manifest, dict) else None
+    if not isinstance(sums, dict) or not all(
+        isinstance(f, str) and isinstance(m, str) and len(m) == 32 for f, m in sums.items()
+    ):
+        raise ValueError(
+            f"{path}: a subset manifest is a JSON object with \"dataset\" and \"md5\": "
+            "{file name: 32-hex md5}. Restore it or delete it."
+        )
+    if manifest.get("dataset") != name:
+        return {}, None
+    return {f: m.lower() for f, m in sums.items()}, path
+
+
+# ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
-def _load_idx_split(folder: Path, source: DatasetSource, split: str, md5: Mapping[str, str]):
+def _load_idx_split(
+    folder: Path, source: DatasetSource, split: str, md5: Mapping[str, str], listed: Mapping[str, Path]
+):
     image_file, label_file = source.split_files[split]
     for file in (image_file, label_file):
-        verify_md5(folder / file, md5[file])
+        verify_md5(folder / file, md5[file], listed.get(file))
     images = read_idx_gz(folder / image_file)
     labels = read_idx_gz(folder / label_file)
     height, width = source.image_shape[1:]
@@ -408,20 +461,23 @@ def _load_idx_split(folder: Path, source: DatasetSource, split: str, md5: Mappin
     return images[:, None], labels
 
 
-def _load_cifar_split(located: _Located, source: DatasetSource, split: str, md5: Mapping[str, str]):
+def _load_cifar_split(
+    located: _Located, source: DatasetSource, split: str, md5: Mapping[str, str], listed: Mapping[str, Path]
+):
     files = source.split_files[split]
     if located.archive is not None:
-        verify_md5(located.archive, md5[source.archive])
+        verify_md5(located.archive, md5[source.archive], listed.get(source.archive))
         blobs = _read_archive_members(located.archive, source, files)
         origin = {file: f"{located.archive}:{CIFAR10_FOLDER}/{file}" for file in files}
         for file, data in blobs.items():
             if md5_of_bytes(data) != md5[file]:
+                listed_text = f" (listed in {listed[file]})" if file in listed else ""
                 raise ValueError(
-                    f"{origin[file]}: md5 mismatch. Delete {located.archive} and re-download it."
+                    f"{origin[file]}: md5 mismatch{listed_text}. Delete {located.archive} and re-download it."
                 )
     else:
         for file in files:
-            verify_md5(located.folder / file, md5[file])
+            verify_md5(located.folder / file, md5[file], listed.get(file))
         blobs = {file: (located.folder / file).read_bytes() for file in files}
         origin = {file: str(located.folder / file) for file in files}
     parts = [parse_cifar_batch(blobs[file], source=origin[file]) for file in files]
@@ -445,7 +501,8 @@ def load_dataset(
             present, else test when its files are present, else download train.
         download: allow downloading missing files (also disabled by ``$PLASTICITY_NO_DOWNLOAD``).
         checksums: md5 per file name, replacing the canonical sums (for custom or
-            generated files in the same formats); files not named keep theirs.
+            generated files in the same formats); files not named keep theirs. They
+            also win over a subset manifest (``SUBSET_MANIFEST``) in the data folder.
     """
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
@@ -461,10 +518,14 @@ def load_dataset(
     if located is None:
         located = _download_split(name, source, split, folders, download_folder, md5, download)
 
+    # A subset manifest next to the files replaces the canonical sums of the files it lists.
+    subset_sums, manifest = read_subset_manifest(located.folder or located.archive.parent, name)
+    listed = {file: manifest for file in subset_sums if file not in (checksums or {})}
+    md5 = {**source.md5, **subset_sums, **(checksums or {})}
     if source.archive:
-        images, labels = _load_cifar_split(located, source, split, md5)
+        images, labels = _load_cifar_split(located, source, split, md5, listed)
     else:
-        images, labels = _load_idx_split(located.folder, source, split, md5)
+        images, labels = _load_idx_split(located.folder, source, split, md5, listed)
     if labels.size and int(labels.max()) >= source.num_classes:
         raise ValueError(
             f"{name} ({split}): label {int(labels.max())} outside 0..{source.num_classes - 1}; "

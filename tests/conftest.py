@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST test split, the GPU marker, small thread counts."""
+"""Shared fixtures: real MNIST test images, the GPU marker, small thread counts."""
 
 import os
 from pathlib import Path
@@ -7,7 +7,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("PLASTICITY_TEST_MNIST", ROOT.parent / "shared" / "datasets" / "mnist"))
+#: The 2,000-image MNIST test subset shipped with the repo (tests/data/mnist/README.md): what every
+#: run uses, local or CI, so both test the same data. PLASTICITY_TEST_MNIST=<folder> points the
+#: tests at another copy, e.g. the full 10k test split.
+SHIPPED_MNIST_DIR = ROOT / "tests" / "data" / "mnist"
+MNIST_DIR = Path(os.environ.get("PLASTICITY_TEST_MNIST") or SHIPPED_MNIST_DIR)
 
 # Two cores on CI: keep torch from oversubscribing them when tests run agents in-process.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -15,9 +19,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    """Folder with the real MNIST test split (t10k-*-idx*-ubyte.gz); skips when absent."""
-    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST test split not found at {MNIST_DIR} (set PLASTICITY_TEST_MNIST to its folder)")
+    """Folder with real MNIST test images (t10k-*-idx*-ubyte.gz): the shipped subset unless overridden.
+
+    Never skips: a missing folder (a bad PLASTICITY_TEST_MNIST) is an error.
+    """
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        raise FileNotFoundError(
+            f"no MNIST test files (t10k-images-idx3-ubyte.gz) in {MNIST_DIR}"
+            + (" (from PLASTICITY_TEST_MNIST)" if MNIST_DIR != SHIPPED_MNIST_DIR else "")
+        )
     return MNIST_DIR
 
 

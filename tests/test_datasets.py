@@ -1,7 +1,8 @@
 """Dataset loading (spec environments.md §1 "Datasets"): folders, splits, checksums, parsers, downloads.
 
-Generated IDX / pickle files exercise the parsing and checksum paths; the real
-MNIST test split (``mnist_dir``) checks the canonical files. Nothing downloads:
+Generated IDX / pickle files exercise the parsing and checksum paths; real MNIST
+test images (``mnist_dir``: the shipped subset ``tests/data/mnist``, or the full
+split via ``PLASTICITY_TEST_MNIST``) check real files. Nothing downloads:
 ``_fetch`` is replaced by a local stand-in wherever a download path is tested.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
+import json
 import os
 import pickle
+import shutil
 import struct
 import tarfile
 import urllib.error
@@ -26,6 +30,7 @@ from envs.datasets import (
     CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
     DATASETS,
+    SUBSET_MANIFEST,
     class_balanced_subset,
     load_dataset,
     parse_cifar_batch,
@@ -35,6 +40,17 @@ from envs.datasets import (
 )
 
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+SHIPPED_MNIST = Path(__file__).resolve().parent / "data" / "mnist"
+MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def expected_mnist(folder: Path) -> tuple[int, list[int]]:
+    """Image count and per-class counts of the MNIST test files in ``folder``: a subset's manifest, else the full split."""
+    manifest = Path(folder) / SUBSET_MANIFEST
+    if manifest.is_file():
+        listed = json.loads(manifest.read_text())
+        return listed["num_images"], listed["label_counts"]
+    return 10_000, MNIST_TEST_LABEL_COUNTS
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +64,96 @@ def _no_network_and_no_user_folders(monkeypatch, tmp_path):
     monkeypatch.delenv(datasets.DATA_ENV_VAR, raising=False)
     monkeypatch.delenv(datasets.NO_DOWNLOAD_ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------
+# The shipped MNIST test subset (tests/data/mnist) and subset manifests
+# ---------------------------------------------------------------------------
+def load_make_subset_script():
+    spec = importlib.util.spec_from_file_location("make_mnist_subset", SHIPPED_MNIST.parent / "make_mnist_subset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_subset_is_the_documented_selection_with_reproducible_bytes():
+    manifest = json.loads((SHIPPED_MNIST / SUBSET_MANIFEST).read_text())
+    assert manifest["dataset"] == "mnist" and manifest["split"] == "test"
+    assert manifest["num_images"] == 2000 and manifest["label_counts"] == [200] * 10
+    assert "CC BY-SA 3.0" in manifest["licence"] and "yann.lecun.com/exdb/mnist" in manifest["source"]
+    assert sorted(manifest["md5"]) == sorted(MNIST_FILES)
+    readme = (SHIPPED_MNIST / "README.md").read_text()
+    assert "CC BY-SA 3.0" in readme and "LeCun" in readme and "Cortes" in readme and "Burges" in readme
+    # Not the canonical files: the sums come from the manifest.
+    for file in MNIST_FILES:
+        assert manifest["md5"][file] == md5((SHIPPED_MNIST / file).read_bytes()) != datasets.SOURCES["mnist"].md5[file]
+    assert sum(f.stat().st_size for f in SHIPPED_MNIST.iterdir()) < 400_000
+
+    images, labels = load_dataset("mnist", data_dir=SHIPPED_MNIST, download=False)
+    assert images.shape == (2000, 1, 28, 28) and torch.bincount(labels).tolist() == [200] * 10
+    assert int(labels[0]) == 7  # the test set's first image comes first: file order is kept
+    assert images.reshape(2000, -1).unique(dim=0).shape[0] >= 1990  # real, distinct digits
+
+    # The script's rule and encoding: the first k of each class in file order (so the rule
+    # applied to the subset keeps it whole), gzip with mtime=0 (rebuilding gives the same bytes).
+    script = load_make_subset_script()
+    raw = labels.numpy().astype(np.uint8)
+    assert np.array_equal(script.select(raw, 200), np.arange(2000))
+    first_ten = script.select(raw, 10)
+    assert np.bincount(raw[first_ten]).tolist() == [10] * 10
+    assert all(np.flatnonzero(raw == k)[:10].tolist() == [i for i in first_ten if raw[i] == k] for k in range(10))
+    assert script.idx_gz_bytes(images[:, 0].numpy()) == (SHIPPED_MNIST / MNIST_FILES[0]).read_bytes()
+    assert script.idx_gz_bytes(raw) == (SHIPPED_MNIST / MNIST_FILES[1]).read_bytes()
+
+
+def copy_of_shipped_subset(tmp_path: Path) -> Path:
+    folder = tmp_path / "mnist"
+    shutil.copytree(SHIPPED_MNIST, folder)
+    return folder
+
+
+def test_a_changed_subset_file_is_a_clear_error_naming_it_and_its_manifest(tmp_path):
+    folder = copy_of_shipped_subset(tmp_path)
+    path = folder / MNIST_FILES[0]
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError) as error:
+        load_dataset("mnist", data_dir=folder, download=False)
+    message = str(error.value)
+    assert str(path) in message and str(folder / SUBSET_MANIFEST) in message and "md5" in message
+
+    # Without its manifest the subset is checked against the canonical sums, and fails.
+    folder = copy_of_shipped_subset(tmp_path / "b")
+    (folder / SUBSET_MANIFEST).unlink()
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz.*not the canonical one"):
+        load_dataset("mnist", data_dir=folder, download=False)
+
+
+def test_a_subset_manifest_applies_only_to_its_dataset_and_explicit_checksums_win(tmp_path):
+    folder = copy_of_shipped_subset(tmp_path)
+    # The MNIST subset is never taken for Fashion-MNIST (same file names): canonical sums apply.
+    with pytest.raises(ValueError, match="not the canonical one"):
+        load_dataset("fashion_mnist", data_dir=folder, download=False)
+    # A generated split in the folder: its sums passed explicitly win over the manifest's.
+    _, _, sums = make_idx_split(folder, "t10k", num=12, seed=1)
+    images, _ = load_dataset("mnist", data_dir=folder, download=False, checksums=sums)
+    assert images.shape == (12, 1, 28, 28)
+    with pytest.raises(ValueError, match=SUBSET_MANIFEST):
+        load_dataset("mnist", data_dir=folder, download=False)
+    # A manifest for the data of a generated split: the folder loads without any checksums argument.
+    (folder / SUBSET_MANIFEST).write_text(json.dumps({"dataset": "mnist", "md5": sums}))
+    assert load_dataset("mnist", data_dir=folder, download=False)[0].shape == (12, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[]", json.dumps({"dataset": "mnist"}), json.dumps({"dataset": "mnist", "md5": {"a": 1}})]
+)
+def test_an_unreadable_subset_manifest_is_a_clear_error(tmp_path, content):
+    folder = copy_of_shipped_subset(tmp_path)
+    (folder / SUBSET_MANIFEST).write_text(content)
+    with pytest.raises(ValueError, match=f"{SUBSET_MANIFEST}: .*(readable|JSON object)"):
+        load_dataset("mnist", data_dir=folder, download=False)
 
 
 # ---------------------------------------------------------------------------
@@ -127,12 +233,13 @@ def make_cifar_batches(folder: Path, per_batch: int = 4) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------
 # The real MNIST test split
 # ---------------------------------------------------------------------------
-def test_real_mnist_test_split_loads_with_canonical_checksums(mnist_dir):
+def test_real_mnist_test_split_loads_with_verified_checksums(mnist_dir):
+    num, label_counts = expected_mnist(mnist_dir)
     for split in ("auto", "test"):
         images, labels = load_dataset("mnist", data_dir=mnist_dir, split=split, download=False)
-        assert images.dtype == torch.uint8 and images.shape == (10_000, 1, 28, 28)
-        assert labels.dtype == torch.int64 and labels.shape == (10_000,)
-        assert torch.bincount(labels).tolist() == MNIST_TEST_LABEL_COUNTS
+        assert images.dtype == torch.uint8 and images.shape == (num, 1, 28, 28)
+        assert labels.dtype == torch.int64 and labels.shape == (num,)
+        assert torch.bincount(labels).tolist() == label_counts
         assert int(images.max()) == 255 and int(images.min()) == 0
         # The first test digit is a 7 whose stroke crosses the image centre row.
         assert int(labels[0]) == 7 and int(images[0, 0, 7:21, 10:20].float().mean()) > 50
@@ -156,7 +263,7 @@ def test_real_mnist_under_env_var_in_a_subfolder(mnist_dir, tmp_path, monkeypatc
     (tmp_path / "mnist").symlink_to(Path(mnist_dir).resolve())
     monkeypatch.setenv(datasets.DATA_ENV_VAR, str(tmp_path))
     images, labels = load_dataset("mnist", download=False)
-    assert images.shape == (10_000, 1, 28, 28)
+    assert images.shape == (expected_mnist(mnist_dir)[0], 1, 28, 28)
     # Fashion-MNIST has the same file names but lives in its own subfolder: not confused with MNIST.
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST"):
         load_dataset("fashion_mnist", download=False)
