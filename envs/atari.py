@@ -19,7 +19,10 @@ adds what the agents need on top of it:
   lost life is reported as ``terminated`` while the game goes on (DeepMind's
   EpisodicLifeEnv semantics; only the final game over resets the emulator);
 - torch tensors on the training device, with one host-to-device copy of the
-  observations and one of the packed per-env scalars per step.
+  observations and one of the packed per-env scalars per step;
+- ``env_stack="cleanrl"``: CleanRL's SB3 wrapper stack replayed step for step
+  (``CleanRLVectorEnv``: FIRE after every reset, lost lives included), for
+  ``--protocol cleanrl``.
 
 Autoreset is gymnasium's NEXT_STEP mode (AtariVectorEnv's default): the step
 after an episode ended (terminated or truncated) returns the next episode's first
@@ -48,6 +51,7 @@ from gymnasium.spaces import Discrete
 OBS_SHAPE = (4, 84, 84)
 FRAME_SKIP = 4
 NOOP_MAX = 30
+ENV_STACKS = ("ale", "cleanrl")  # AtariVectorEnv's preprocessing (C++), CleanRL's wrapper stack (CleanRLVectorEnv)
 # Matches ALE/<Game>-v5, <Game>NoFrameskip-v4, <Game>Deterministic-v4, <Game>-v0, <Game>, <game_name>.
 _ID_PATTERN = re.compile(
     r"^(?:ALE/)?(?P<name>[A-Za-z0-9_]+?)(?P<ram>-ram)?(?:NoFrameskip|Deterministic)?(?:-v\d+)?$"
@@ -215,7 +219,7 @@ class ALEInterfaceVectorEnv:
 
     def __init__(self, game: str, num_envs: int, *, mode: int | None = None, difficulty: int | None = None,
                  max_num_frames_per_episode: int = 108_000, repeat_action_probability: float = 0.0,
-                 full_action_space: bool = False, noop_max: int = NOOP_MAX):
+                 full_action_space: bool = False, noop_max: int = NOOP_MAX, fire_reset: bool = True):
         check_mode_and_difficulty(game, mode, difficulty)
         self.game, self.num_envs, self.mode, self.difficulty = game, num_envs, mode, difficulty
         self.max_frames, self.noop_max = max_num_frames_per_episode, noop_max
@@ -226,7 +230,7 @@ class ALEInterfaceVectorEnv:
             self._load(ale)
         actions = self._ales[0].getLegalActionSet() if full_action_space else self._ales[0].getMinimalActionSet()
         self._action_set = list(actions)
-        self._fire_reset = ale_py.Action.FIRE in self._action_set
+        self._fire_reset = fire_reset and ale_py.Action.FIRE in self._action_set  # AtariVectorEnv's use_fire_reset
         self.single_action_space = Discrete(len(self._action_set))
         self._noop_rngs = [np.random.default_rng(e) for e in range(num_envs)]
         self._raw = np.zeros((num_envs, 2, 210, 160), dtype=np.uint8)  # the last two frames of a step
@@ -304,6 +308,10 @@ class ALEInterfaceVectorEnv:
         self._episode_over = terminated | truncated
         return self._stacks.copy(), rewards, terminated, truncated, self._info()
 
+    def screen_rgb(self, e: int) -> np.ndarray:
+        """The raw RGB screen [210, 160, 3] of env ``e`` (the last emulated frame, before any preprocessing)."""
+        return self._ales[e].getScreenRGB()
+
     def ale_settings(self) -> list[tuple[int, int]]:
         """(mode, difficulty) of each emulator, as ALE itself reports them (from its saved state)."""
         states = [ale.cloneState() for ale in self._ales]
@@ -311,6 +319,180 @@ class ALEInterfaceVectorEnv:
 
     def close(self) -> None:
         self._ales = []
+
+
+def _grayscale(frames: np.ndarray) -> np.ndarray:
+    """gymnasium's GrayscaleObservation (>= 1.0) on RGB frames [..., 3], bit-exact, truncated to uint8.
+
+    gymnasium computes ``np.sum(frames * [0.2125, 0.7154, 0.0721], axis=-1)`` in float64, which
+    adds the three products left to right; written out here, that is 3x faster than the reduction.
+    """
+    return ((frames[..., 0] * 0.2125 + frames[..., 1] * 0.7154) + frames[..., 2] * 0.0721).astype(np.uint8)
+
+
+class CleanRLVectorEnv(ALEInterfaceVectorEnv):
+    """CleanRL's Atari stack (``dqn_atari.py``'s ``make_env``) step for step, over ``ale_py.ALEInterface``.
+
+    CleanRL wraps ``gym.make("<Game>NoFrameskip-v4")`` (one frame per step, no sticky
+    actions, minimal action set, ALE's cap of 108,000 frames per episode) in
+    Stable-Baselines3's ``NoopResetEnv(noop_max=30)``, ``MaxAndSkipEnv(skip=4)``,
+    ``EpisodicLifeEnv``, ``FireResetEnv`` (games with FIRE) and ``ClipRewardEnv``,
+    then gymnasium's ``ResizeObservation((84, 84))``, grayscale and a stack of 4.
+    Each method below is one of those wrappers, for one env ``e``:
+
+    - ``_frame``: the v4 env's step: one ``act``; terminated = game over, truncated =
+      ALE's frame cap (``game_truncated``).
+    - ``_noop_reset``: ``reset_game``, then 1..``noop_max`` NOOP frames drawn from the
+      env's numpy generator (a game over among them resets again).
+    - ``_skip``: 4 frames of one action, rewards summed, stopping at an end; the
+      observation is the max of the RGB screens of frames 3 and 4 kept in a buffer that
+      persists across steps (an early stop leaves the older screens in it, as SB3 does).
+    - ``_life_step`` / ``_life_reset`` (``episodic_life``): a lost life (0 < lives <
+      previous lives) is terminal; the reset after it is ONE no-op agent step (4 frames),
+      a real reset only after a game over.
+    - ``_reset`` (``fire_reset``, games with FIRE): that reset, then the agent steps FIRE
+      (action 1) and action 2 (RIGHT in Breakout), resetting again if either ended the
+      episode -- after EVERY reset, so also after each lost life.  ALE's own stack
+      (AtariVectorEnv) presses FIRE once per game only.
+    - pixels: the RGB observation resized with INTER_AREA (``_AreaResize``, bit-exact with
+      cv2 per channel), then gymnasium's grayscale weights; the game score is returned
+      raw (``AtariEnv`` gives sign(r) to learn from, as ``ClipRewardEnv``).
+
+    Seeds as ``ale_py.env.AtariEnv.reset(seed=s)`` does: ``SeedSequence(s)`` gives the
+    numpy seed of the no-op draws and the ALE seed.  With the same seed and actions the
+    emulator plays exactly the frames the wrapper stack plays (tests/test_atari_protocol.py).
+    Two differences by design, both the project's conventions: autoreset is NEXT_STEP
+    (the reset after an episode's end runs in the following step, a reset step that is
+    not a transition, instead of inside the step that ended it), and a new episode's
+    stack is padded with zeros where gymnasium's frame stack repeats the first frame
+    (the replay buffer rebuilds stacks with zeros before an episode start).
+    ``reset()`` always starts a new game; single-threaded, one env after the other.
+    """
+
+    def __init__(self, game: str, num_envs: int, *, mode: int | None = None, difficulty: int | None = None,
+                 max_num_frames_per_episode: int = 108_000, repeat_action_probability: float = 0.0,
+                 full_action_space: bool = False, noop_max: int = NOOP_MAX, fire_reset: bool = True,
+                 episodic_life: bool = True):
+        super().__init__(game, num_envs, mode=mode, difficulty=difficulty,
+                         max_num_frames_per_episode=max_num_frames_per_episode,
+                         repeat_action_probability=repeat_action_probability,
+                         full_action_space=full_action_space, noop_max=noop_max, fire_reset=fire_reset)
+        for ale in self._ales:  # the v4 env's frame cap lives in ALE (truncation), read at ROM load
+            ale.setInt("max_num_frames_per_episode", max_num_frames_per_episode)
+            self._load(ale)
+        if self._fire_reset and (self._action_set[1] != ale_py.Action.FIRE or len(self._action_set) < 3):
+            raise ValueError(f"{game}: FireResetEnv needs FIRE as action 1 and at least 3 actions")
+        self.episodic_life = bool(episodic_life)
+        self._rgb = np.zeros((num_envs, 2, 210, 160, 3), dtype=np.uint8)  # MaxAndSkipEnv's _obs_buffer
+        self._obs = np.zeros((num_envs, 210, 160, 3), dtype=np.uint8)  # each env's observation of this step
+        self._lives = np.zeros(num_envs, dtype=np.int64)  # EpisodicLifeEnv.lives
+        self._was_real_done = np.ones(num_envs, dtype=bool)  # EpisodicLifeEnv.was_real_done
+
+    # ---- the wrappers, innermost first (env e) ----
+    def _frame(self, e: int, action: int) -> tuple[int, bool, bool]:
+        ale = self._ales[e]
+        reward = ale.act(self._action_set[action])
+        return reward, ale.game_over(with_truncation=False), ale.game_truncated()
+
+    def _noop_reset(self, e: int, seed: int | None) -> np.ndarray:
+        ale = self._ales[e]
+
+        def reset_v4():
+            if seed is not None:  # ale_py's AtariEnv.seed_game, then load_game
+                np_seed, ale_seed = np.random.SeedSequence(seed).generate_state(n_words=2)
+                self._noop_rngs[e] = np.random.default_rng(int(np_seed))
+                ale.setInt("random_seed", np.int32(ale_seed))
+                self._load(ale)
+            ale.reset_game()
+
+        reset_v4()
+        noops = int(self._noop_rngs[e].integers(1, self.noop_max + 1)) if self.noop_max > 0 else 0
+        for _ in range(noops):
+            _, terminated, truncated = self._frame(e, 0)
+            if terminated or truncated:
+                reset_v4()
+        return ale.getScreenRGB()
+
+    def _skip(self, e: int, action: int) -> tuple[np.ndarray, float, bool, bool]:
+        ale, total = self._ales[e], 0.0
+        terminated = truncated = False
+        for i in range(FRAME_SKIP):
+            reward, terminated, truncated = self._frame(e, action)
+            if i >= FRAME_SKIP - 2:
+                ale.getScreenRGB(self._rgb[e, i - (FRAME_SKIP - 2)])
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return self._rgb[e].max(axis=0), total, terminated, truncated
+
+    def _life_step(self, e: int, action: int) -> tuple[np.ndarray, float, bool, bool, bool]:
+        """(obs, reward, terminated, truncated, game over): EpisodicLifeEnv.step when ``episodic_life``."""
+        obs, reward, terminated, truncated = self._skip(e, action)
+        game_over = terminated or truncated
+        if self.episodic_life:
+            self._was_real_done[e] = game_over
+            lives = self._ales[e].lives()
+            if 0 < lives < self._lives[e]:
+                terminated = True
+            self._lives[e] = lives
+        return obs, reward, terminated, truncated, game_over
+
+    def _life_reset(self, e: int, seed: int | None) -> np.ndarray:
+        if not self.episodic_life:
+            return self._noop_reset(e, seed)
+        if self._was_real_done[e]:
+            obs = self._noop_reset(e, seed)
+        else:  # a lost life: one no-op agent step, a real reset only if that ended the game
+            obs, _, terminated, truncated = self._skip(e, 0)
+            if terminated or truncated:
+                obs = self._noop_reset(e, seed)
+        self._lives[e] = self._ales[e].lives()
+        return obs
+
+    def _reset(self, e: int, seed: int | None = None) -> np.ndarray:
+        """FireResetEnv.reset: the reset below it, then FIRE (action 1) and action 2; returns action 2's obs."""
+        if not self._fire_reset:
+            return self._life_reset(e, seed)
+        self._life_reset(e, seed)
+        for action in (1, 2):
+            obs, _, terminated, truncated, _ = self._life_step(e, action)
+            if terminated or truncated:
+                self._life_reset(e, seed)
+        return obs
+
+    # ---- vector API ----
+    def _push_frames(self) -> None:
+        """Resize (INTER_AREA per channel) then grayscale every env's observation; push it on the stacks."""
+        channels = np.ascontiguousarray(self._obs.transpose(0, 3, 1, 2)).reshape(-1, 210, 160)
+        resized = self._resize(channels).reshape(self.num_envs, 3, *OBS_SHAPE[1:]).transpose(0, 2, 3, 1)
+        self._stacks[:, :-1] = self._stacks[:, 1:]
+        self._stacks[:, -1] = _grayscale(resized)
+
+    def reset(self, *, seed: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        for e in range(self.num_envs):
+            self._was_real_done[e] = True  # a new game, whatever the last step was
+            self._obs[e] = self._reset(e, None if seed is None else int(seed[e]))
+        self._stacks[:] = 0
+        self._push_frames()
+        self._episode_over[:] = False
+        return self._stacks.copy(), self._info()
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Like ALEInterfaceVectorEnv.step; ``terminated`` includes lost lives, ``info["game_over"]`` the game's end."""
+        rewards = np.zeros(self.num_envs, dtype=np.int32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        game_over = np.zeros(self.num_envs, dtype=bool)
+        for e in range(self.num_envs):
+            if self._episode_over[e]:  # NEXT_STEP autoreset: CleanRL's reset, after a game over or a lost life
+                self._obs[e] = self._reset(e)
+                self._stacks[e] = 0
+                continue
+            self._obs[e], reward, terminated[e], truncated[e], game_over[e] = self._life_step(e, int(actions[e]))
+            rewards[e] = reward
+        self._push_frames()
+        self._episode_over = terminated | truncated
+        return self._stacks.copy(), rewards, terminated, truncated, {**self._info(), "game_over": game_over}
 
 
 # ---------------------------------------------------------------------------
@@ -321,7 +503,13 @@ class AtariEnv:
 
     ``mode`` / ``difficulty`` select an ALE game mode / difficulty (None: the ROM's
     default); AtariVectorEnv cannot, so those envs run on ``ALEInterfaceVectorEnv``,
-    which reproduces its preprocessing exactly but emulates in one thread.
+    which reproduces its preprocessing exactly but emulates in one thread.  So do envs
+    built with ``screens=True``, whose raw RGB screens ``screen(e)`` reads (videos).
+
+    ``env_stack="cleanrl"`` runs ``CleanRLVectorEnv`` instead: CleanRL's wrapper stack
+    (SB3's NoopReset/MaxAndSkip/EpisodicLife/FireReset) step for step, which presses
+    FIRE after every reset including the one after each lost life (``episodic_life``);
+    ALE's stack presses FIRE once per game (``fire_reset=False``: never).
 
     Protocol defaults follow Machado et al. 2018: sticky actions with probability
     0.25 (CleanRL's Atari scripts use 0: pass ``sticky_actions=0``), the minimal
@@ -341,7 +529,8 @@ class AtariEnv:
     def __init__(self, env_id: str, num_envs: int = 1, seed: int = 0, sticky_actions: float = 0.25,
                  full_action_space: bool = False, episodic_life: bool = False, max_episode_frames: int = 108_000,
                  device: torch.device | str = "cpu", num_threads: int = 0, noop_max: int = NOOP_MAX,
-                 mode: int | None = None, difficulty: int | None = None):
+                 mode: int | None = None, difficulty: int | None = None, screens: bool = False,
+                 fire_reset: bool = True, env_stack: str = "ale"):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
         if not 0.0 <= float(sticky_actions) <= 1.0:
@@ -351,6 +540,8 @@ class AtariEnv:
                              f"got {max_episode_frames!r}")
         if noop_max < 0:
             raise ValueError(f"noop_max must be >= 0, got {noop_max}")
+        if env_stack not in ENV_STACKS:
+            raise ValueError(f"env_stack must be one of {', '.join(ENV_STACKS)}, got {env_stack!r}")
         self.game = atari_game(env_id)
         check_mode_and_difficulty(self.game, mode, difficulty)
         self.mode, self.difficulty = mode, difficulty
@@ -363,6 +554,8 @@ class AtariEnv:
         self.max_episode_frames = max_episode_frames
         self.device = torch.device(device)
         self.obs_shape = OBS_SHAPE
+        self.screens = bool(screens)
+        self.fire_reset, self.env_stack = bool(fire_reset), env_stack
         self._vector_env = self._make_vector_env(num_threads=num_threads, noop_max=noop_max)
         self.num_actions = int(self._vector_env.single_action_space.n)
         # Host-side episode bookkeeping (E numbers per step; the emulator is on the host anyway).
@@ -371,16 +564,22 @@ class AtariEnv:
         self._has_reset = False
 
     def _make_vector_env(self, num_threads: int, noop_max: int):
-        if self.mode is not None or self.difficulty is not None:
+        if self.env_stack == "cleanrl":
+            return CleanRLVectorEnv(
+                self.game, self.num_envs, mode=self.mode, difficulty=self.difficulty,
+                max_num_frames_per_episode=self.max_episode_frames, repeat_action_probability=self.sticky_actions,
+                full_action_space=self.full_action_space, noop_max=noop_max, fire_reset=self.fire_reset,
+                episodic_life=self.episodic_life)
+        if self.mode is not None or self.difficulty is not None or self.screens:
             return ALEInterfaceVectorEnv(
                 self.game, self.num_envs, mode=self.mode, difficulty=self.difficulty,
                 max_num_frames_per_episode=self.max_episode_frames, repeat_action_probability=self.sticky_actions,
-                full_action_space=self.full_action_space, noop_max=noop_max)
+                full_action_space=self.full_action_space, noop_max=noop_max, fire_reset=self.fire_reset)
         return AtariVectorEnv(
             self.game, self.num_envs, num_threads=num_threads,
             max_num_frames_per_episode=self.max_episode_frames,
             repeat_action_probability=self.sticky_actions, full_action_space=self.full_action_space,
-            autoreset_mode="NextStep", noop_max=noop_max,
+            autoreset_mode="NextStep", noop_max=noop_max, use_fire_reset=self.fire_reset,
             # Raw scores; life loss handled in step() (ALE's episodic_life restarts the game at each life).
             reward_clipping=False, episodic_life=False, life_loss_info=False,
         )
@@ -390,6 +589,16 @@ class AtariEnv:
     def vector_env(self) -> AtariVectorEnv | ALEInterfaceVectorEnv:
         """The numpy-level vector env underneath (AtariVectorEnv, or ALEInterfaceVectorEnv for modes)."""
         return self._vector_env
+
+    def screen(self, e: int = 0) -> np.ndarray | None:
+        """Env ``e``'s raw RGB screen [210, 160, 3] uint8 (for videos), None where the emulators are out of reach.
+
+        ``screens=True`` (or a mode/difficulty) runs the games on ``ALEInterfaceVectorEnv``, whose ALE
+        interfaces this reads; AtariVectorEnv's C++ threads expose only the preprocessed frames.
+        """
+        if not isinstance(self._vector_env, ALEInterfaceVectorEnv):
+            return None
+        return self._vector_env.screen_rgb(e)
 
     @property
     def task_id(self) -> int:
@@ -427,7 +636,7 @@ class AtariEnv:
             raise RuntimeError("call reset() before step()")
         host_actions = self._host_actions(actions)
         obs, reward, ale_terminated, ale_truncated, info = self._vector_env.step(host_actions)
-        return self._finish_step(obs, reward, ale_terminated, ale_truncated, info["lives"])
+        return self._finish_step(obs, reward, ale_terminated, ale_truncated, info["lives"], info.get("game_over"))
 
     def close(self) -> None:
         self._vector_env.close()
@@ -442,15 +651,19 @@ class AtariEnv:
                              f"({'full' if self.full_action_space else 'minimal'} action set), got {host.tolist()}")
         return host
 
-    def _finish_step(self, obs, reward, ale_terminated, ale_truncated, lives):
+    def _finish_step(self, obs, reward, ale_terminated, ale_truncated, lives, game_over=None):
         reset_step = self._episode_over.copy()
-        game_over = ale_terminated | ale_truncated
         terminated = ale_terminated.copy()
-        if self.episodic_life:
-            # A lost life ends the learning episode; the game goes on (no reset step follows).
-            terminated |= (lives < self._lives) & ~reset_step
+        if game_over is None:  # AtariVectorEnv / ALEInterfaceVectorEnv: the flags are the game's
+            game_over = ale_terminated | ale_truncated
+            episode_over = game_over
+            if self.episodic_life:
+                # A lost life ends the learning episode; the game goes on (no reset step follows).
+                terminated |= (lives < self._lives) & ~reset_step
+        else:  # CleanRLVectorEnv: a lost life is terminal already, and a (FIRE) reset step follows it
+            episode_over = ale_terminated | ale_truncated
         truncated = ale_truncated & ~terminated
-        self._episode_over = game_over.copy()  # the returned tensors may share game_over's memory
+        self._episode_over = episode_over.copy()  # the returned tensors may share game_over's memory
         self._lives = np.asarray(lives, dtype=np.int32)
         if self.device.type == "cpu":  # zero-copy views of the host arrays
             reward_t = torch.from_numpy(reward.astype(np.float32))
@@ -473,4 +686,5 @@ class AtariEnv:
             f", mode={self.mode}, difficulty={self.difficulty}"
         return (f"AtariEnv({self.game!r}{mode}, num_envs={self.num_envs}, sticky_actions={self.sticky_actions}, "
                 f"full_action_space={self.full_action_space}, episodic_life={self.episodic_life}, "
-                f"max_episode_frames={self.max_episode_frames}, device={self.device})")
+                f"max_episode_frames={self.max_episode_frames}, fire_reset={self.fire_reset}, "
+                f"env_stack={self.env_stack!r}, device={self.device})")

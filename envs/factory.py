@@ -39,8 +39,11 @@ def env_family(env_id: str) -> str:
     return "atari"
 
 
-def make_env(args, device: torch.device):
-    """Build the environment an agent's Args describe, on ``device`` (uint8 observations)."""
+def make_env(args, device: torch.device, screens: bool = False):
+    """Build the environment an agent's Args describe, on ``device`` (uint8 observations).
+
+    ``screens``: Atari envs keep their raw RGB screens reachable (``env.screen(e)``, for videos).
+    """
     if env_family(args.env_id) == "image_mdp":
         from envs.image_mdp import ImageMDPVectorEnv
 
@@ -55,16 +58,27 @@ def make_env(args, device: torch.device):
     if args.atari_shift:
         from envs.nonstationary_atari import NonstationaryAtariEnv
 
+        # NonstationaryAtariEnv builds every task's AtariEnv with ALE's stack, FIRE and 30 no-ops.
+        unsupported = [flag for flag, used in (("--env-stack cleanrl", args.env_stack != "ale"),
+                                               ("--no-fire-reset", not args.fire_reset),
+                                               (f"--noop-max {args.noop_max}", args.noop_max != 30)) if used]
+        if unsupported:
+            protocol = f" (set by --protocol {args.protocol})" if args.protocol != "none" else ""
+            raise ValueError(f"{', '.join(unsupported)}{protocol} is not available with --atari-shift; give "
+                             "--env-stack ale --fire-reset --noop-max 30, or drop --atari-shift")
         return NonstationaryAtariEnv(
             args.env_id, num_envs=args.num_envs, seed=args.seed, shifts=args.atari_shift,
             switch_every=args.switch_every // args.num_envs, games=args.games, modes=args.modes, difficulties=args.difficulties,
             reward_offset=args.reward_offset, reward_scale=args.reward_scale,
-            sticky_actions=args.sticky_actions, episodic_life=args.episodic_life, device=device,
+            sticky_actions=args.sticky_actions, episodic_life=args.episodic_life, device=device, screens=screens,
+            full_action_space=args.full_action_space, max_episode_frames=args.max_episode_frames,
         )
     from envs.atari import AtariEnv
 
     return AtariEnv(args.env_id, num_envs=args.num_envs, seed=args.seed, sticky_actions=args.sticky_actions,
-                    full_action_space=args.full_action_space, episodic_life=args.episodic_life, device=device)
+                    full_action_space=args.full_action_space, episodic_life=args.episodic_life, device=device,
+                    screens=screens, max_episode_frames=args.max_episode_frames, noop_max=args.noop_max,
+                    fire_reset=args.fire_reset, env_stack=args.env_stack)
 
 
 class Step(NamedTuple):

@@ -81,7 +81,8 @@ class NonstationaryAtariEnv:
                  switch_every: int = 0, games: Sequence[str] | None = None, modes: Sequence[int] | None = None,
                  difficulties: Sequence[int] | None = None, reward_offset: float = 0.0, reward_scale: float = 1.0,
                  sticky_actions: float = 0.25, full_action_space: bool = False, episodic_life: bool = False,
-                 max_episode_frames: int = 108_000, device: torch.device | str = "cpu", num_threads: int = 0):
+                 max_episode_frames: int = 108_000, device: torch.device | str = "cpu", num_threads: int = 0,
+                 screens: bool = False):
         self.shifts = self._check_shifts(shifts, switch_every)
         self.switch_every = int(switch_every)
         self.seed = int(seed)
@@ -95,7 +96,7 @@ class NonstationaryAtariEnv:
         self._env_kwargs = dict(
             num_envs=num_envs, sticky_actions=sticky_actions, episodic_life=episodic_life,
             full_action_space=full_action_space or "games" in self.shifts, max_episode_frames=max_episode_frames,
-            device=self.device, num_threads=num_threads)
+            device=self.device, num_threads=num_threads, screens=screens)
         self._steps = 0  # step() calls so far: the switch clock
         self._switch_pending = False  # the last step was a switch step: the next one starts the next task
         self._env: AtariEnv | None = None
@@ -190,6 +191,16 @@ class NonstationaryAtariEnv:
     def _permutation(self, task: Task, purpose: str, size: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(task_seed(self.seed, task.task_id, purpose))
         return torch.randperm(size, generator=generator).to(self.device)
+
+    def freeze(self, task_id: int) -> None:
+        """Play task ``task_id`` from the next ``reset()`` on, with no more switches (an evaluation copy)."""
+        self.switch_every = 0
+        self._switch_pending = False
+        self._start_task(int(task_id), build_only=True)
+
+    def screen(self, e: int = 0):
+        """Env ``e``'s raw RGB screen of the current game (``AtariEnv.screen``), untouched by the obs shifts."""
+        return self._env.screen(e)
 
     @property
     def env(self) -> AtariEnv:
