@@ -4,20 +4,34 @@ TensorBoard orders a folder's event files by name; the resumed writer's ``purge_
 drops only what was read before it.  Names created in the same second sort by pid and
 a per-process counter as text, so ``...<pid>.10`` came before ``...<pid>.9`` and a quick
 resume showed the interrupted run's steps after the checkpoint again.
+
+The Custom Scalars dashboard: a fresh run's event file holds the layout, and every chart of
+it has data.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.harness.tracking import Tracker, event_file_second
+from agents import c51, dqn
+from agents.harness.tracking import (
+    METHOD_CHARTS,
+    OPTIONAL_TAGS,
+    Tracker,
+    dashboard_layout,
+    event_file_second,
+)
+from plasticity.interventions import METHODS
 
 
 def interrupted_run(run_dir: Path, tmp_path: Path, second: int, last_step: int = 300) -> Path:
@@ -83,3 +97,99 @@ def test_plain_progress_prints_the_last_step_once(tmp_path, capsys):
     tracker.close()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["50/100", "100/100"], lines
+
+
+# ---- the Custom Scalars dashboard ----
+
+#: Every method on, and the optional diagnostics, with cadences that fire in 400 steps (as tests/test_agents.py).
+ALL_TOGGLES = dict(layer_norm=True, l2=1e-5, l2_init=1e-5, swr=0.01, swr_head=0.02, cbp=True, cbp_maturity=10,
+                   cbp_replacement_rate=0.01, snp=1e-4, snp_every=20, redo_every=25, reset_head_every=40,
+                   entk_every=200, hessian_every=200, probe_every=200)
+
+
+def custom_scalars_layouts(run_dir: Path) -> list[layout_pb2.Layout]:
+    """The layouts in a run folder's event files (TensorBoard's custom_scalars plugin data)."""
+    layouts = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            layouts += [layout_pb2.Layout.FromString(value.tensor.string_val[0]) for value in event.summary.value
+                        if value.metadata.plugin_data.plugin_name == "custom_scalars"]
+    return layouts
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_a_run_writes_a_dashboard_whose_every_chart_has_data(tmp_path, mnist_dir):
+    args = dqn.Args(env_id="ImageMDP/mnist", data_dir=str(mnist_dir), num_images=500, total_timesteps=400,
+                    learning_starts=100, buffer_size=1000, batch_size=16, hidden_sizes=[32, 32], diag_every=100,
+                    diag_batch=128, log_every=50, episode_length=50, shift=["label_permutation"], shift_every=200,
+                    runs_dir=str(tmp_path), run_name="run", cuda=False, checkpoint_every=0, loss="hl_gauss",
+                    v_min=-1.0, v_max=11.0, **ALL_TOGGLES)
+    dqn.main(args)
+    run_dir = tmp_path / "run"
+    (layout,) = custom_scalars_layouts(run_dir)
+    categories = [category.title for category in layout.category]
+    assert categories == ["returns and losses", "plasticity: units (all layers)", "plasticity: norms",
+                          "plasticity: ranks", "plasticity: target-mean", "plasticity: probes", "plasticity: methods",
+                          "run"]
+    first_row = [chart.title for chart in layout.category[0].chart]
+    assert first_row == ["episodic return", "TD loss", "Q-values", "greedy accuracy"]
+    tags = scalar_tags(run_dir)
+    shown = set()
+    for category in layout.category:
+        for chart in category.chart:
+            for regex in chart.multiline.tag:  # TensorBoard matches a chart's regexes with re.match
+                matched = {tag for tag in tags if re.match(regex, tag)}
+                assert matched or regex.startswith(OPTIONAL_TAGS), f"{category.title} / {chart.title}: {regex} is empty"
+                shown |= matched
+    assert tags - shown == set(), "tags the run logs that no chart shows"
+    # One chart per metric, every layer on it: the overall value and each hidden layer.
+    (dead,) = [chart for chart in layout.category[1].chart if chart.title == "dead_frac"]
+    on_chart = {tag for tag in tags for regex in dead.multiline.tag if re.match(regex, tag)}
+    assert on_chart == {"plasticity/dead_frac"} | {tag for tag in tags if tag.startswith("plasticity/dead_frac/")}
+    assert len(on_chart) >= 3
+
+
+def test_a_resumed_tracker_does_not_write_the_layout_again(tmp_path):
+    run_dir = tmp_path / "run"
+    Tracker(run_dir, {}, total_timesteps=100, log_every=50, device=torch.device("cpu")).close()
+    Tracker(run_dir, {}, total_timesteps=100, log_every=50, device=torch.device("cpu"), start_step=50).close()
+    assert len(custom_scalars_layouts(run_dir)) == 1
+
+
+def test_the_dashboard_leaves_out_charts_a_run_does_not_fill():
+    atari = {"env_id": "ALE/Pong-v5", "agent": "c51", "total_timesteps": 10_000, "learning_starts": 1_000,
+             "diag_every": 0, "atari_shift": ["games"], "eval_every": 5_000}
+    layout = dashboard_layout(atari)
+    assert list(layout) == ["returns and losses", "run"]  # no diagnostics, no methods on
+    returns = layout["returns and losses"]
+    assert "greedy accuracy" not in returns  # image MDP only
+    assert returns["episodic return"] == ["Multiline", ["charts/episodic_return$", "charts/eval_return$"]]
+    assert returns["episodic return per game"] == ["Multiline", ["charts/episodic_return/.*", "charts/eval_return/.*"]]
+    # Diagnostics that only fire at or before learning_starts log nothing: no charts for them.
+    late = {**atari, "learning_starts": 9_500}
+    assert "plasticity: units (all layers)" not in dashboard_layout({**late, "diag_every": 3_000})  # 9k <= 9.5k
+    assert "plasticity: units (all layers)" in dashboard_layout({**late, "diag_every": 2_000})  # 10k
+    assert "plasticity: units (all layers)" not in dashboard_layout({**late, "diag_every": 20_000})
+    # Without an evaluation its tags are not on the dashboard.
+    plain = dashboard_layout({**atari, "eval_every": 0})
+    assert plain["returns and losses"]["episodic return"] == ["Multiline", ["charts/episodic_return$"]]
+    assert "target_clip_frac" in dashboard_layout({**atari, "diag_every": 2_000})["plasticity: target-mean"]
+    mse = dashboard_layout({**atari, "agent": "dqn", "loss": "mse", "diag_every": 2_000})
+    assert "target_clip_frac" not in mse["plasticity: target-mean"]
+
+
+def test_every_plasticity_method_has_a_chart():
+    """A new method in plasticity.interventions.METHODS needs its chart in tracking.METHOD_CHARTS."""
+    assert {next(iter(method.TAGS)) for method in METHODS} == set(METHOD_CHARTS)
+
+
+def test_c51_categorical_swr_scale_is_on_the_methods_chart():
+    (regex,) = dashboard_layout({"swr": 0.01})["plasticity: methods"]["SWR scale"][1]
+    assert re.match(regex, "plasticity/swr_logit_scale") and re.match(regex, "plasticity/swr_scale")
+    assert c51.Args().swr == 0.0  # off by default: no methods category
+    assert "plasticity: methods" not in dashboard_layout({"swr": c51.Args().swr})

@@ -7,6 +7,11 @@ Scalars produced in the hot loop stay on the training device: they are queued
 and moved to the host in one transfer every ``log_every`` env steps, so logging
 adds no per-step host-device synchronisation.  ``charts/SPS`` is the rate over
 the last window, logged from the first window on (pitfall 12).
+
+A fresh run also writes a "Custom Scalars" layout (``dashboard_layout``): TensorBoard's
+Custom Scalars tab opens on returns and losses, then the plasticity diagnostics with
+every layer of a metric on one chart.  With ``--track`` the run is mirrored to
+Weights & Biases (``agents/harness/wandb_tracking.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from agents.harness import wandb_tracking
 from agents.harness.run_folder import EVENT_FILE_PREFIX, event_file_second
+from envs.factory import is_image_mdp_id
 
 
 def args_to_dict(args) -> dict:
@@ -29,6 +36,103 @@ def args_to_dict(args) -> dict:
 def markdown_table(config: dict) -> str:
     rows = "\n".join(f"|{key}|{value}|" for key, value in sorted(config.items()))
     return "|param|value|\n|-|-|\n" + rows
+
+
+# ---- TensorBoard "Custom Scalars" dashboard ----
+
+#: Charts of tags a run may not log although its config enables them (a game without human reference scores).
+OPTIONAL_TAGS = ("charts/eval_hns",)
+
+#: The plasticity methods' own scalars (``Interventions.scalars``): the flag that turns a method on -> its chart.
+METHOD_CHARTS = {
+    "l2": ("L2 penalty", "plasticity/l2_penalty"),
+    "l2_init": ("L2-Init penalty", "plasticity/l2_init_penalty"),
+    "cbp": ("CBP replacements", "plasticity/cbp_replacements"),
+    "swr": ("SWR scale", "plasticity/swr_(logit_)?scale"),
+    "snp": ("Shrink & Perturb applications", "plasticity/snp_applications"),
+    "redo_every": ("ReDo resets", "plasticity/redo_resets"),
+    "reset_head_every": ("head resets", "plasticity/head_resets"),
+}
+
+#: Diagnostics (plasticity/diagnostics.py) by group; the unit metrics and weight_norm have per-layer tags too.
+UNIT_METRICS = ("dead_frac", "linearized_frac", "dormant_frac", "preact_mean_abs", "preact_std")
+NORM_METRICS = ("weight_norm", "weight_magnitude", "dist_from_init", "feature_norm", "grad_norm")
+RANK_METRICS = ("effective_rank", "srank", "stable_rank")
+TARGET_MEAN_METRICS = ("target_mean", "target_std", "target_offset_ratio", "feature_sv_max", "feature_cond",
+                       "feature_mean_dominance", "feature_mean_alignment", "q_mean", "q_std")
+
+
+def _exactly(*tags: str) -> list:
+    """A multiline chart of these tags (regexes, matched from the start of the tag to its end)."""
+    return ["Multiline", [f"{tag}$" for tag in tags]]
+
+
+def _with_layers(metric: str) -> list:
+    """The overall ``plasticity/<metric>`` and every per-layer ``plasticity/<metric>/<layer>`` on one chart."""
+    return ["Multiline", [f"plasticity/{metric}$", f"plasticity/{metric}/.*"]]
+
+
+def dashboard_layout(config: dict) -> dict:
+    """The Custom Scalars layout of a run with ``config`` (its config.json): {category: {chart: [kind, tags]}}.
+
+    Only charts of tags this run logs: the diagnostics when their cadence fires after
+    ``learning_starts``, accuracy on the image MDP, the methods that are on.  An empty
+    config (a bare Tracker) gets the charts every run has plus the default diagnostics.
+    """
+    total, learning_starts = config.get("total_timesteps"), config.get("learning_starts")
+
+    def fires(flag: str, default: int = 0, after: int | None = learning_starts) -> bool:
+        """Some multiple of the cadence ``flag`` lies in (after, total]."""
+        every = config.get(flag, default)
+        if not every or total is None or after is None:
+            return bool(every)
+        return total // every * every > after
+
+    image_mdp = is_image_mdp_id(str(config.get("env_id", "")))
+    categorical = config.get("agent") == "c51" or config.get("loss") in ("hl_gauss", "two_hot")
+    evaluates = fires("eval_every", after=0)  # --eval-every: greedy evaluations (agents/harness/evaluation.py)
+
+    def evaluation(*tags: str) -> tuple[str, ...]:
+        return tags if evaluates else ()
+
+    returns = {"episodic return": _exactly("charts/episodic_return", *evaluation("charts/eval_return"))}
+    if "games" in config.get("atari_shift", []):
+        returns["episodic return per game"] = ["Multiline", [
+            f"{tag}/.*" for tag in ("charts/episodic_return", *evaluation("charts/eval_return"))]]
+    returns["TD loss"] = _exactly("losses/td_loss")
+    returns["Q-values"] = _exactly("losses/q_values")
+    if image_mdp:
+        returns["greedy accuracy"] = _exactly("charts/accuracy", "charts/task_final_accuracy",
+                                              *evaluation("charts/eval_accuracy"))
+    elif evaluates:
+        returns["evaluation human-normalised score"] = ["Multiline", ["charts/eval_hns(/.*)?$"]]
+    layout = {"returns and losses": returns}
+    if fires("diag_every", 10_000):
+        layout["plasticity: units (all layers)"] = {metric: _with_layers(metric) for metric in UNIT_METRICS}
+        layout["plasticity: norms"] = {metric: (_with_layers(metric) if metric == "weight_norm"
+                                                else _exactly(f"plasticity/{metric}")) for metric in NORM_METRICS}
+        layout["plasticity: ranks"] = {metric: _exactly(f"plasticity/{metric}") for metric in RANK_METRICS}
+        target_mean = {metric: _exactly(f"plasticity/{metric}") for metric in TARGET_MEAN_METRICS}
+        if categorical:
+            target_mean["target_clip_frac"] = _exactly("plasticity/target_clip_frac")
+        layout["plasticity: target-mean"] = target_mean
+    probes = {}
+    if fires("entk_every"):
+        probes["entk_effective_rank"] = _exactly("plasticity/entk_effective_rank")
+        probes["entk_cond"] = _exactly("plasticity/entk_cond")
+    if fires("hessian_every"):
+        probes["hessian_max_eig"] = _exactly("plasticity/hessian_max_eig")
+    if fires("probe_every"):
+        probes["probe_fit_loss"] = _exactly("plasticity/probe_fit_loss")
+    if probes:
+        layout["plasticity: probes"] = probes
+    methods = {title: _exactly(tag) for flag, (title, tag) in METHOD_CHARTS.items() if config.get(flag)}
+    if methods:
+        layout["plasticity: methods"] = methods
+    layout["run"] = {"SPS": _exactly("charts/SPS"), "epsilon": _exactly("charts/epsilon"),
+                     "episodic length": _exactly("charts/episodic_length", *evaluation("charts/eval_length")),
+                     "task id": _exactly("charts/task_id"), "task return": _exactly("charts/task_return")}
+    return layout
 
 
 def wait_for_a_later_event_file_name(run_dir: Path, max_wait: float = 2.0) -> None:
@@ -66,8 +170,9 @@ class Tracker:
     """
 
     def __init__(self, run_dir: Path, config: dict, total_timesteps: int, log_every: int, device: torch.device,
-                 start_step: int = 0, num_envs: int = 1, accuracy_window: int = 1000):
+                 start_step: int = 0, num_envs: int = 1, accuracy_window: int = 1000, wandb_run=None):
         self.run_dir = Path(run_dir)
+        self.wandb_run = wandb_run  # started before the SummaryWriter below: sync_tensorboard patches it
         self.total_timesteps = total_timesteps
         self.log_every = log_every
         self.device = device
@@ -78,6 +183,7 @@ class Tracker:
         self.writer = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if resumed else None)
         if not resumed:
             self.writer.add_text("hyperparameters", markdown_table(config))
+            self.writer.add_custom_scalars(dashboard_layout(config))
         self._means: dict[str, list[torch.Tensor]] = {}
         self._scalars: list[tuple[str, int, torch.Tensor]] = []
         self._episodes: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
@@ -233,8 +339,12 @@ class Tracker:
         self.last_flush_step = state["last_flush_step"]
         self.recent_return = state["recent_return"]
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the event file, then end the W&B run (``exit_code`` != 0: W&B shows it failed)."""
         if self._tty:
             print(file=sys.stderr)
         self.writer.flush()
         self.writer.close()
+        if self.wandb_run is not None:  # after the writer: W&B reads the event file's last events
+            wandb_tracking.finish(self.wandb_run, exit_code)
+            self.wandb_run = None
