@@ -139,6 +139,7 @@ def main(args: Args) -> None:
                          td_targets=lambda batch: td_targets(q_network, target_network, batch, args),
                          td_loss=lambda batch: td_loss(q_network, target_network, batch, args)[0],
                          clip_range=support.clip_range(args.loss) if categorical else None)
+            run.evaluate(global_step, q_network.q_values)  # --eval-every: greedy episodes on envs of their own
             if not run.end_iteration(global_step, obs, epsilon, step, interventions):
                 return
         run.finish(global_step, obs)

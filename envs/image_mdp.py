@@ -37,6 +37,7 @@ equal to the final one; ``info["final_obs"]`` is that same tensor.)
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
@@ -223,6 +224,7 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
         self._pixel_permutation: torch.Tensor | None = None  # None = identity
+        self._frozen = False  # an evaluation copy (``evaluation_copy``) keeps its task: no switches, no restart
         self._restart_task()
         self._state = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self._needs_reset = True
@@ -382,7 +384,10 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
                     f"seed must be an int (one generator drives all envs), got {type(seed).__name__}"
                 )
             self._generator.manual_seed(int(seed))
-        self._restart_task()
+        if self._frozen:
+            self._step_count = 0
+        else:
+            self._restart_task()
         self._state = torch.randint(
             self.num_classes, (self.num_envs,), generator=self._generator, device=self.device
         )
@@ -422,7 +427,7 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
             self._state = random_state
 
         self._step_count += 1
-        if self._step_count % self.shift_every == 0:
+        if self._step_count % self.shift_every == 0 and not self._frozen:
             self._switch_task()  # the next observation already shows the new task
         obs = self._observe(self._state)
 
@@ -433,6 +438,27 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         if is_truncation:
             info["final_obs"], info["_final_obs"] = obs, truncated
         return obs, reward, terminated, truncated, info
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_copy(self, num_envs: int) -> ImageMDPVectorEnv:
+        """``num_envs`` copies of this env frozen at its current task, on a random stream of their own.
+
+        The copy plays the task this env is in now (same images, labels, class and pixel
+        permutations, reward offset) and never switches: its ``reset(seed=...)`` draws fresh
+        latent states without going back to task 0.  It shares the dataset and the task's tables
+        with this env instead of copying them (a switch here replaces those tensors, never edits
+        them in place), so it costs no memory, and stepping it leaves this env untouched.
+        """
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        twin = copy.copy(self)
+        twin.num_envs = int(num_envs)
+        twin.observation_space = batch_space(self.single_observation_space, twin.num_envs)
+        twin.action_space = batch_space(self.single_action_space, twin.num_envs)
+        twin._generator = torch.Generator(device=self.device)
+        twin._frozen = True
+        twin._needs_reset = True
+        return twin
 
     # ------------------------------------------------------------------ analysis helpers
     def optimal_q(self, gamma: float) -> torch.Tensor:

@@ -18,6 +18,9 @@ ALLOWED = {
     "scripts.analysis": {"agents.harness.run_folder"},  # readers: the contract only
     "scripts.sweeps": {"agents.harness.run_folder", "scripts.analysis"},
     "scripts.benchmarks": {"agents", "agents.harness", "agents.harness.run_folder", "plasticity", "envs"},
+    # Plays a saved network: the agents' networks, the shared evaluation, and the bootstrap of scripts/analysis.
+    "scripts.evaluate": {"agents", "agents.harness", "agents.harness.run_folder", "plasticity", "envs",
+                         "scripts.analysis"},
 }
 #: Layers that must not import torch at all (they read run folders, or plan sweeps).
 TORCH_FREE = {"agents.harness.run_folder", "scripts.analysis", "scripts.sweeps"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.harness.run_folder import checkpoint_path
+from agents.harness.run_folder import checkpoint_path, model_path
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,3 +67,25 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
     except Exception as error:  # torch raises several types for truncated/corrupt zip files
         raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint of this project ({error}); "
                          "delete it and start the run again") from None
+
+
+def save_model(run_dir: str | os.PathLike, model: torch.nn.Module) -> Path:
+    """Atomically write ``model``'s state dict, as CPU tensors, to ``<run_dir>/model.pt`` (``--save-model``)."""
+    path = model_path(run_dir)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A saved state dict (``model.pt``), loaded safely; a corrupt file or anything but tensors by name is a ValueError."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated/corrupt zip files raise several types
+        raise ValueError(f"{path} is corrupt or not a saved model ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or not all(isinstance(key, str) and torch.is_tensor(value)
+                                              for key, value in state.items()):
+        raise ValueError(f"{path} is not a saved model: expected a state dict of tensors")
+    return state

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tyro.conf import DisallowNone
 
+from agents.harness import video, wandb_tracking
 from plasticity.flags import (
     COUNT,
     NON_NEGATIVE,
@@ -67,6 +69,14 @@ class CommonArgs(InterventionFlags):
     log_every: int = ranged(1000, POSITIVE_COUNT)
     """write the scalar charts (SPS, losses, accuracy) every this many env steps"""
 
+    # --- experiment tracking (Weights & Biases, as CleanRL) ---
+    track: bool = False
+    """if toggled, mirror the run to Weights & Biases: its TensorBoard scalars and config (needs `pip install -e ".[wandb]"`; WANDB_MODE=offline to sync later)"""
+    wandb_project_name: str = "plasticity-rl"
+    """the W&B project name"""
+    wandb_entity: str = ""
+    """the W&B entity (team or user) of the project; empty: your W&B default entity"""
+
     # --- environment ---
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/Breakout-v5 or BreakoutNoFrameskip-v4) or ImageMDP/{mnist,fashion_mnist,cifar10}"""
@@ -91,13 +101,24 @@ class CommonArgs(InterventionFlags):
     """image-MDP: use a class-balanced subset of this many images (0: all)"""
     episode_length: int = ranged(1000, POSITIVE_COUNT)
     """image-MDP: the continuing task is truncated every this many steps, for logging only"""
-    # Atari (spec environments.md §2)
-    sticky_actions: float = ranged(0.25, UNIT_INTERVAL)
-    """Atari: probability of repeating the previous action (Machado et al. 2018: 0.25; 0 disables)"""
-    full_action_space: bool = False
-    """Atari: use all 18 actions (always on with --atari-shift games)"""
-    episodic_life: bool = False
-    """Atari: treat a lost life as terminal for learning (returns are still logged per game)"""
+    # Atari (spec environments.md §2).  The None fields are "not given": --protocol fills them, then
+    # ATARI_DEFAULTS (resolve_family_defaults), so a flag given on the command line always wins.
+    protocol: Literal["none", "cleanrl", "machado", "atari100k"] = "none"
+    """Atari protocol preset (README "Atari protocols"): fills each flag of this block and --total-timesteps that is not given on the command line; none: the defaults in [brackets]"""
+    env_stack: DisallowNone[Literal["ale", "cleanrl"] | None] = None
+    """Atari preprocessing: ale (ale-py's AtariVectorEnv in C++; FIRE once per game) or cleanrl (CleanRL's SB3 wrapper stack step for step: FIRE after every reset, also after each lost life; one thread) [ale]"""
+    sticky_actions: DisallowNone[float | None] = ranged(None, UNIT_INTERVAL, optional=True)
+    """Atari: probability of repeating the previous action (Machado et al. 2018: 0.25; 0 disables) [0.25]"""
+    full_action_space: DisallowNone[bool | None] = None
+    """Atari: use all 18 actions (always on with --atari-shift games) [off]"""
+    episodic_life: DisallowNone[bool | None] = None
+    """Atari: treat a lost life as terminal for learning (returns are still logged per game) [off]"""
+    fire_reset: DisallowNone[bool | None] = None
+    """Atari: press FIRE at reset in games that have it (cleanrl stack: FIRE then action 2, as FireResetEnv) [on]"""
+    noop_max: DisallowNone[int | None] = ranged(None, COUNT, optional=True)
+    """Atari: random no-ops at reset; ale stack 0..N-1 frames (the FIRE counts as one), cleanrl 1..N; 0: none [30]"""
+    max_episode_frames: DisallowNone[int | None] = ranged(None, POSITIVE_COUNT, optional=True)
+    """Atari: truncate an episode after this many emulator frames (108000 = 30 min at 60 Hz) [108000]"""
     atari_shift: list[str] = field(default_factory=list)
     """nonstationary Atari shifts, combinable: games modes difficulties action_permutation obs_invert obs_permutation reward_offset reward_scale"""
     switch_every: int = ranged(0, COUNT)
@@ -162,6 +183,20 @@ class CommonArgs(InterventionFlags):
     probe_every: int = ranged(0, COUNT)
     """plasticity probe (fit random targets on a copy) every this many env steps (0: off)"""
 
+    # --- evaluation, videos, saved model ---
+    eval_every: int = ranged(0, COUNT)
+    """greedy evaluation every this many env steps, on envs of its own (0: off): charts/eval_return, charts/eval_hns (Atari), charts/eval_accuracy (image MDP)"""
+    eval_episodes: int = ranged(10, POSITIVE_COUNT)
+    """episodes per evaluation (Atari: whole games; image MDP: --episode-length steps each)"""
+    eval_epsilon: float = ranged(0.001, UNIT_INTERVAL)
+    """epsilon of the evaluation policy (Machado et al. 2018: 0.001; the greedy answers give charts/eval_accuracy)"""
+    capture_video: bool = False
+    """record an evaluation episode as <run>/videos/eval_<step>.mp4 (needs --eval-every and `pip install -e ".[video]"`)"""
+    video_every: int = ranged(1, POSITIVE_COUNT)
+    """with --capture-video: record every this many evaluations"""
+    save_model: bool = False
+    """write the final online network to <run>/model.pt (a state dict; scripts/evaluate.py plays it)"""
+
 
 #: Defaults that depend on the environment family: (Atari, image MDP).
 FAMILY_DEFAULTS = {
@@ -175,14 +210,83 @@ FAMILY_DEFAULTS = {
 TAG_FIELDS = {
     "layer_norm": "ln", "loss": "loss", **{flag: short for method in METHODS for flag, short in method.TAGS.items()},
     "double_q": "ddqn", "network": "net", "shift": "shift", "atari_shift": "ashift", "bf16": "bf16",
+    "protocol": "proto",
 }
 
 
+#: Atari env defaults of --protocol none (today's behaviour), for the fields left None.
+ATARI_DEFAULTS = {
+    "env_stack": "ale", "sticky_actions": 0.25, "full_action_space": False, "episodic_life": False,
+    "fire_reset": True, "noop_max": 30, "max_episode_frames": 108_000,
+}
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A preset value that copies another field's resolved value (``SameAs("total_timesteps")``: at the end)."""
+
+    field: str
+
+
+#: --protocol presets, the published bundles (sources per value in README "Atari protocols").  A preset
+#: fills the fields still None (not given on the command line); fields with a non-None default (the
+#: evaluation flags) it fills only while they hold that default, and only if Args has them.
+PROTOCOLS: dict[str, dict[str, object]] = {
+    "none": {},
+    # CleanRL dqn_atari.py: BreakoutNoFrameskip-v4 + SB3 NoopReset(30)/MaxAndSkip(4)/EpisodicLife/FireReset.
+    "cleanrl": {"env_stack": "cleanrl", "sticky_actions": 0.0, "full_action_space": False, "episodic_life": True,
+                "fire_reset": True, "noop_max": 30, "max_episode_frames": 108_000,
+                "total_timesteps": 10_000_000},
+    # Machado et al. 2018: sticky actions, game over only, no no-op starts; results up to 200M frames.
+    "machado": {"env_stack": "ale", "sticky_actions": 0.25, "full_action_space": True, "episodic_life": False,
+                "fire_reset": False, "noop_max": 0, "max_episode_frames": 108_000,
+                "total_timesteps": 50_000_000},
+    # Atari 100k (Kaiser et al. 2019) as DER/SPR/DrQ/BBF run it: 100k agent steps, 100 eval episodes at the end.
+    "atari100k": {"env_stack": "ale", "sticky_actions": 0.0, "full_action_space": False, "episodic_life": True,
+                  "fire_reset": False, "noop_max": 30, "max_episode_frames": 108_000,
+                  "total_timesteps": 100_000, "eval_episodes": 100, "eval_every": SameAs("total_timesteps")},
+}
+
+#: The 26 games of the Atari 100k benchmark (Kaiser et al. 2019), as ALE ids.
+ATARI_100K_GAMES = (
+    "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout", "ChopperCommand",
+    "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero", "Jamesbond", "Kangaroo", "Krull",
+    "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert", "RoadRunner", "Seaquest", "UpNDown",
+)
+
+
+def protocol_values(args: CommonArgs) -> dict[str, object]:
+    """The values ``args.protocol`` gives to ``args``'s fields (only the fields ``args`` has)."""
+    names = {f.name for f in dataclasses.fields(args)}
+    return {name: value for name, value in PROTOCOLS[args.protocol].items() if name in names}
+
+
 def resolve_family_defaults(args: CommonArgs, is_atari: bool) -> None:
-    """Fill the ``None`` fields whose CleanRL default only makes sense on Atari."""
+    """Fill the fields not given on the command line: the --protocol preset, then the family's defaults.
+
+    A field counts as not given when it is None (every field a preset sets has a None default,
+    except the evaluation flags, which count as not given while they hold their dataclass
+    default).  So an explicit flag wins over the preset, even one equal to a default.
+    """
+    if args.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
+    if args.protocol != "none" and not is_atari:
+        raise ConfigError(f"--protocol {args.protocol} is an Atari protocol; {args.env_id} is an image-MDP id "
+                          "(drop --protocol, or use an Atari id such as ALE/Breakout-v5)")
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    preset = protocol_values(args)
+    for name, value in preset.items():
+        if not isinstance(value, SameAs) and getattr(args, name) in (None, defaults[name]):
+            setattr(args, name, value)
     for name, (atari_value, mdp_value) in FAMILY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, atari_value if is_atari else mdp_value)
+    for name, value in ATARI_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in preset.items():
+        if isinstance(value, SameAs) and getattr(args, name) == defaults[name]:
+            setattr(args, name, getattr(args, value.field))
 
 
 def run_tag(args: CommonArgs) -> str:
@@ -237,6 +341,20 @@ def check_paths(args: CommonArgs) -> None:
           f"--buffer-device must be auto, cpu, cuda or cuda:N, got {args.buffer_device!r}")
 
 
+def check_evaluation(args: CommonArgs) -> None:
+    """The evaluation flags act only through --eval-every (videos through --capture-video): never silently ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CommonArgs)}
+    if not args.eval_every:
+        unused = [flag for flag, used in (("--eval-episodes", args.eval_episodes != defaults["eval_episodes"]),
+                                          ("--eval-epsilon", args.eval_epsilon != defaults["eval_epsilon"]),
+                                          ("--capture-video", args.capture_video)) if used]
+        check(not unused, f"{' '.join(unused)} only act through --eval-every N (greedy evaluations during "
+                          "training); add it, or evaluate a finished run with scripts/evaluate.py")
+    check(args.capture_video or args.video_every == defaults["video_every"],
+          "--video-every only acts with --capture-video; add it or drop the flag")
+    check(not args.capture_video or video.available(), video.MISSING)
+
+
 def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
     """Reject invalid values and combinations before any work starts (one clear message each).
 
@@ -249,6 +367,8 @@ def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     check_paths(args)
+    check(not args.track or wandb_tracking.available(), wandb_tracking.MISSING)
+    check_evaluation(args)
     check(not args.cuda or torch.cuda.is_available(),
           "--cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU")
     check(not (args.bf16 and args.cuda) or torch.cuda.is_bf16_supported(including_emulation=False),

@@ -7,6 +7,7 @@ calls into this module for the plumbing, one line each:
     with experiment.start(args, agent="dqn", categorical=...) as run:  # validate, seed, folder, env, buffer
         global_step, obs = run.begin(q_network=..., optimizer=..., ...)  # fresh start or exact resume
         ...                                                     # the loop
+        run.evaluate(global_step, q_network.q_values)           # --eval-every: greedy episodes (evaluation.py)
         run.end_iteration(global_step, obs)                     # logs, checkpoints, Ctrl-C
 
 Leaving the ``with`` block through an unexpected exception marks the run failed in
@@ -29,12 +30,13 @@ import numpy as np
 import torch
 import tyro
 
-from agents.harness import run_folder
+from agents.harness import run_folder, wandb_tracking
 from agents.harness.checkpoint import (
     NonFiniteLossError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    save_model,
     set_rng_state,
 )
 from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, setting_of, validate
@@ -194,6 +196,7 @@ class Run:
         self.envs = self._make_env()
         self._check_torso()
         self.buffer = self._make_buffer()
+        self.evaluator = self._make_evaluator()
         if not self.resumed:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             run_folder.write_config(self.run_dir, self._config())
@@ -215,6 +218,7 @@ class Run:
                                                                                      NonFiniteLossError)):
             self._restore_signal_handlers()
             run_folder.write_status(self.run_dir, run_folder.FAILED, -1, self.args.total_timesteps, repr(error))
+            self.tracker.close(exit_code=1)  # the events written so far stay readable; W&B shows the run failed
         return False
 
     # ---- set-up steps, in order ----
@@ -269,6 +273,17 @@ class Run:
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
+    def _make_evaluator(self):
+        """The greedy evaluation's own envs (--eval-every), or None."""
+        if not self.args.eval_every:
+            return None
+        from agents.harness.evaluation import Evaluator  # here: evaluation imports this module
+
+        try:
+            return Evaluator(self.args, self.device)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(str(error)) from None
+
     def _config(self) -> dict:
         return {**args_to_dict(self.args), "agent": self.agent, "run_name": self.run_name}
 
@@ -321,8 +336,13 @@ class Run:
 
     def _make_tracker(self, start_step: int) -> Tracker:
         args = self.args
+        # --track: W&B starts first, so its sync_tensorboard patch sees the Tracker's SummaryWriter.
+        wandb_run = wandb_tracking.start(self.run_dir, self._config(), project=args.wandb_project_name,
+                                         entity=args.wandb_entity, name=self.run_name,
+                                         resumed=self.resumed) if args.track else None
         return Tracker(self.run_dir, self._config(), args.total_timesteps, args.log_every, self.device,
-                       start_step=start_step, num_envs=args.num_envs, accuracy_window=args.log_every)
+                       start_step=start_step, num_envs=args.num_envs, accuracy_window=args.log_every,
+                       wandb_run=wandb_run)
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
@@ -399,7 +419,7 @@ class Run:
         if self._stop_requested:
             self.checkpoint(global_step, obs)
             self.tracker.close()
-            self.envs.close()
+            self._close_envs()
             self._restore_signal_handlers()
             run_folder.write_status(self.run_dir, run_folder.INTERRUPTED, global_step, args.total_timesteps)
             print(f"interrupted at step {global_step}; continue with --resume {self.run_dir}", file=sys.stderr)
@@ -409,7 +429,7 @@ class Run:
     def _check_finite(self, global_step: int) -> None:
         if bool(self._nonfinite):
             args = self.args
-            self.tracker.close()
+            self.tracker.close(exit_code=1)  # W&B (--track) shows the run failed
             self._restore_signal_handlers()
             last = (f"the last good checkpoint (step {self._good_step}) is {run_folder.checkpoint_path(self.run_dir)}"
                     if self._good_step >= 0 else "no checkpoint was written before it")
@@ -439,10 +459,33 @@ class Run:
             self.tracker.flush(global_step)
         self._check_finite(global_step)
         self.checkpoint(global_step, obs)
+        if self.args.save_model:
+            save_model(self.run_dir, self.stateful["q_network"])
         self.tracker.close()
-        self.envs.close()
+        self._close_envs()
         self._restore_signal_handlers()
         run_folder.write_status(self.run_dir, run_folder.COMPLETED, global_step, self.args.total_timesteps)
+
+    def _close_envs(self) -> None:
+        self.envs.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
+
+    # ---- greedy evaluation (--eval-every) ----
+    def evaluate(self, global_step: int, q_values: Callable) -> None:
+        """Greedy episodes on envs of their own when --eval-every is crossed; training's streams stay untouched.
+
+        ``q_values(obs)`` is the online network's Q-values; logged: charts/eval_return and the
+        family's extras (agents/harness/evaluation.py), and with --capture-video videos/eval_<step>.mp4.
+        """
+        args = self.args
+        if self.evaluator is None or not crossed(global_step - args.num_envs, global_step, args.eval_every):
+            return
+        number = global_step // args.eval_every  # this is the run's number-th evaluation
+        video = (run_folder.video_path(self.run_dir, f"eval_{global_step}")
+                 if args.capture_video and number % args.video_every == 0 else None)
+        result = self.evaluator.evaluate(q_values, global_step, follow=self.envs.env, video_path=video)
+        self.tracker.log_dict(result.scalars(), global_step)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----
     def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,

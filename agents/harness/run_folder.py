@@ -8,7 +8,9 @@ One module, torch-free, imported by the writer (the harness) and by every reader
   "time", "message"?}``, rewritten atomically at every change of state;
 - ``checkpoint.pt``: the last good state (``torch.load(weights_only=True)``); its presence makes a run
   resumable;
-- TensorBoard event files ``events.out.tfevents.<second>.<host>.<pid>.<n>``.
+- TensorBoard event files ``events.out.tfevents.<second>.<host>.<pid>.<n>``;
+- ``model.pt`` (``--save-model``): the final online network, a plain state dict of tensors;
+- ``videos/`` (``--capture-video``): ``eval_<step>.mp4`` of the greedy evaluation episodes.
 
 A run's name is ``<env>__<agent>__<label>__<seed>`` (sweeps: the label is the variant) and, for runs
 named by the agents themselves, ``__<unix time>`` after it, as in CleanRL.
@@ -173,3 +175,25 @@ def folder_state(run_dir: Path) -> str:
     if has_checkpoint(run_dir):
         return RESUMABLE
     return NEW
+
+
+# ---- Weights & Biases (--track) ----
+
+#: The W&B run id of a ``--track`` run (one line), so ``--resume`` continues the same W&B run.
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+# ---- saved model and videos (--save-model, --capture-video) ----
+
+MODEL_FILE = "model.pt"
+VIDEO_DIR = "videos"
+
+
+def model_path(run_dir: Path) -> Path:
+    """``<run_dir>/model.pt``: the final online network's state dict (``torch.load(weights_only=True)``)."""
+    return Path(run_dir) / MODEL_FILE
+
+
+def video_path(run_dir: Path, name: str) -> Path:
+    """``<run_dir>/videos/<name>.mp4``, e.g. ``eval_<step>`` for the evaluation at env step ``<step>``."""
+    return Path(run_dir) / VIDEO_DIR / f"{name}.mp4"

@@ -1,6 +1,8 @@
 """Human-normalised Atari scores: (score − random) / (human − random), per game.
 
-The reference scores and their source are in ``scripts/analysis/data/atari_human_random.csv``.
+The reference scores and their source are in ``envs/data/atari_human_random.csv`` (the table lives
+with the environments, whose greedy evaluation logs ``charts/eval_hns``; read here by path, not
+imported: this layer imports only the run-folder contract).
 Only game scores can be normalised: ``charts/episodic_return`` of a single-game
 run, the per-game ``charts/episodic_return/<Game>`` of a run that cycles games,
 and ``charts/task_return`` when the tasks do not change the game.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE_CSV = Path(__file__).resolve().parent / "data" / "atari_human_random.csv"
+REFERENCE_CSV = Path(__file__).resolve().parents[2] / "envs" / "data" / "atari_human_random.csv"
 RETURN_TAG = "charts/episodic_return"
 TASK_RETURN_TAG = "charts/task_return"
 
