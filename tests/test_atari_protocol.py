@@ -179,6 +179,9 @@ def test_an_explicit_flag_wins_over_the_preset_even_when_it_equals_a_default():
     assert machado.sticky_actions == 0.25 and machado.noop_max == 0 and machado.episodic_life is False
     short = resolved("--protocol", "atari100k", "--total-timesteps", "2000", "--eval-episodes", "5")
     assert (short.total_timesteps, short.eval_episodes, short.eval_every) == (2000, 5, 2000)  # still at the end
+    # Evaluation flags too: an explicit value equal to the no-protocol default still beats the preset.
+    no_eval = resolved("--protocol", "atari100k", "--eval-every", "0", "--eval-episodes", "10")
+    assert (no_eval.eval_every, no_eval.eval_episodes) == (0, 10)
 
 
 def test_atari_100k_lists_its_26_games():

@@ -184,10 +184,11 @@ class CommonArgs(InterventionFlags):
     """plasticity probe (fit random targets on a copy) every this many env steps (0: off)"""
 
     # --- evaluation, videos, saved model ---
-    eval_every: int = ranged(0, COUNT)
-    """greedy evaluation every this many env steps, on envs of its own (0: off): charts/eval_return, charts/eval_hns (Atari), charts/eval_accuracy (image MDP)"""
-    eval_episodes: int = ranged(10, POSITIVE_COUNT)
-    """episodes per evaluation (Atari: whole games; image MDP: --episode-length steps each)"""
+    # None: not given; resolved from --protocol, else EVAL_DEFAULTS (so an explicit value always wins).
+    eval_every: DisallowNone[int | None] = ranged(None, COUNT, optional=True)
+    """greedy evaluation every this many env steps, on envs of its own (default 0: off; --protocol atari100k: once, at the end): charts/eval_return, charts/eval_hns (Atari), charts/eval_accuracy (image MDP)"""
+    eval_episodes: DisallowNone[int | None] = ranged(None, POSITIVE_COUNT, optional=True)
+    """episodes per evaluation (default 10; --protocol atari100k: 100; Atari: whole games; image MDP: --episode-length steps each)"""
     eval_epsilon: float = ranged(0.001, UNIT_INTERVAL)
     """epsilon of the evaluation policy (Machado et al. 2018: 0.001; the greedy answers give charts/eval_accuracy)"""
     capture_video: bool = False
@@ -213,6 +214,9 @@ TAG_FIELDS = {
     "protocol": "proto",
 }
 
+
+#: Evaluation defaults for the fields left None (no --protocol value for them).
+EVAL_DEFAULTS = {"eval_every": 0, "eval_episodes": 10}
 
 #: Atari env defaults of --protocol none (today's behaviour), for the fields left None.
 ATARI_DEFAULTS = {
@@ -265,28 +269,27 @@ def resolve_family_defaults(args: CommonArgs, is_atari: bool) -> None:
     """Fill the fields not given on the command line: the --protocol preset, then the family's defaults.
 
     A field counts as not given when it is None (every field a preset sets has a None default,
-    except the evaluation flags, which count as not given while they hold their dataclass
-    default).  So an explicit flag wins over the preset, even one equal to a default.
+    including the evaluation flags).  So an explicit flag wins over the preset, even one equal to a
+    default.
     """
     if args.protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {args.protocol!r}")
     if args.protocol != "none" and not is_atari:
         raise ConfigError(f"--protocol {args.protocol} is an Atari protocol; {args.env_id} is an image-MDP id "
                           "(drop --protocol, or use an Atari id such as ALE/Breakout-v5)")
-    defaults = {f.name: f.default for f in dataclasses.fields(args)}
     preset = protocol_values(args)
     for name, value in preset.items():
-        if not isinstance(value, SameAs) and getattr(args, name) in (None, defaults[name]):
+        if not isinstance(value, SameAs) and getattr(args, name) is None:
             setattr(args, name, value)
     for name, (atari_value, mdp_value) in FAMILY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, atari_value if is_atari else mdp_value)
-    for name, value in ATARI_DEFAULTS.items():
+    for name, value in preset.items():  # copies of resolved values (atari100k: evaluate at the end)
+        if isinstance(value, SameAs) and getattr(args, name) is None:
+            setattr(args, name, getattr(args, value.field))
+    for name, value in {**ATARI_DEFAULTS, **EVAL_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name, value in preset.items():
-        if isinstance(value, SameAs) and getattr(args, name) == defaults[name]:
-            setattr(args, name, getattr(args, value.field))
 
 
 def run_tag(args: CommonArgs) -> str:
@@ -345,7 +348,7 @@ def check_evaluation(args: CommonArgs) -> None:
     """The evaluation flags act only through --eval-every (videos through --capture-video): never silently ignored."""
     defaults = {f.name: f.default for f in dataclasses.fields(CommonArgs)}
     if not args.eval_every:
-        unused = [flag for flag, used in (("--eval-episodes", args.eval_episodes != defaults["eval_episodes"]),
+        unused = [flag for flag, used in (("--eval-episodes", args.eval_episodes != EVAL_DEFAULTS["eval_episodes"]),
                                           ("--eval-epsilon", args.eval_epsilon != defaults["eval_epsilon"]),
                                           ("--capture-video", args.capture_video)) if used]
         check(not unused, f"{' '.join(unused)} only act through --eval-every N (greedy evaluations during "
