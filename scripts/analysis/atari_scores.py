@@ -1,8 +1,7 @@
 """Human-normalised Atari scores: (score − random) / (human − random), per game.
 
-The reference scores and their source are in ``envs/data/atari_human_random.csv`` (the table lives
-with the environments, whose greedy evaluation logs ``charts/eval_hns``; read here by path, not
-imported: this layer imports only the run-folder contract).
+The reference scores and their source are in ``envs/data/atari_human_random.csv``, read by
+``envs/atari_scores.py`` (torch-free), which the greedy evaluation uses for ``charts/eval_hns``.
 Only game scores can be normalised: ``charts/episodic_return`` of a single-game
 run, the per-game ``charts/episodic_return/<Game>`` of a run that cycles games,
 and ``charts/task_return`` when the tasks do not change the game.
@@ -10,40 +9,16 @@ and ``charts/task_return`` when the tasks do not change the game.
 
 from __future__ import annotations
 
-import csv
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-REFERENCE_CSV = Path(__file__).resolve().parents[2] / "envs" / "data" / "atari_human_random.csv"
+from envs.atari_scores import REFERENCE_CSV, Reference, game_key
+
 RETURN_TAG = "charts/episodic_return"
 TASK_RETURN_TAG = "charts/task_return"
 
 _ENV_ID = re.compile(r"^(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip|Deterministic)?-v\d+$")
-
-
-@dataclass(frozen=True)
-class Reference:
-    game: str
-    random: float
-    human: float
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def load_reference(path: Path = REFERENCE_CSV) -> dict[str, Reference]:
-    """Game key (lower case, letters and digits only) -> reference scores; '#' lines are comments."""
-    with open(path, newline="") as file:
-        rows = csv.DictReader(line for line in file if not line.startswith("#"))
-        table = {}
-        for row in rows:
-            reference = Reference(row["game"], float(row["random"]), float(row["human"]))
-            table[_key(row["game"])] = table[_key(row["rom"])] = reference
-    return table
 
 
 def game_of_env(env_id: str) -> str:
@@ -72,7 +47,7 @@ def game_for(tag: str, config: dict) -> str:
 
 
 def human_normalize(values: np.ndarray, game: str, reference: dict[str, Reference]) -> np.ndarray:
-    entry = reference.get(_key(game))
+    entry = reference.get(game_key(game))
     if entry is None:
         known = sorted({ref.game for ref in reference.values()})
         raise ValueError(f"no random/human reference score for {game!r} in {REFERENCE_CSV.name}; "
