@@ -13,10 +13,14 @@ import re
 
 import numpy as np
 
-from envs.atari_scores import REFERENCE_CSV, Reference, game_key
+from envs.atari_scores import REFERENCE_CSV, Reference, game_key, load_reference
 
 RETURN_TAG = "charts/episodic_return"
 TASK_RETURN_TAG = "charts/task_return"
+
+# The table itself comes from envs/atari_scores.py; plot.py and the tests reach it through this module.
+__all__ = ["REFERENCE_CSV", "Reference", "load_reference", "game_of_env", "is_normalizable", "game_for",
+           "human_normalize"]
 
 _ENV_ID = re.compile(r"^(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip|Deterministic)?-v\d+$")
 
