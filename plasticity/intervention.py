@@ -112,7 +112,9 @@ class MethodFlags:
         """Reject invalid combinations of this method's flags (ranges are checked from their declarations)."""
 
     def build(self, parts: Parts) -> Intervention | None:
-        raise NotImplementedError
+        """The method on ``parts``, or None when these flags leave it off; every flags class defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define build(parts): a flags class in METHODS "
+                                  "builds its method")
 
 
 class Counter:

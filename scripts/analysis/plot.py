@@ -253,6 +253,16 @@ def markdown_table(rows: list[dict], groups: list[Group], tags: list[str], args)
     return "\n".join(lines) + "\n"
 
 
+def emit_table(text: str, rows, markdown_path: str | None, csv_path: str | None) -> None:
+    """Print a markdown table to stdout, and write it (and its rows as CSV) where asked."""
+    print(text, end="")
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(text)
+    if csv_path:
+        write_csv(rows, Path(csv_path))
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -520,13 +530,7 @@ def write_metrics(groups: list[Group], tags: list[str], args, reference) -> None
         rows += improvement_rows(scores, tags, pairs, args)
     if args.profile:
         rows += profile_rows(scores, tags, args)
-    text = metrics_markdown(rows, tags, args)
-    print(text, end="")
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(text)
-    if args.csv:
-        write_csv(rows, Path(args.csv))
+    emit_table(text=metrics_markdown(rows, tags, args), rows=rows, markdown_path=args.md, csv_path=args.csv)
     paths = figure_paths(args.out or "plot.png", args.formats)
     save_figure(build_metrics_figure(rows, groups, tags, args), paths, args.dpi)
     print(f"wrote {', '.join(map(str, paths))} ({len(groups)} groups, {sum(len(g.runs) for g in groups)} runs)",
@@ -649,13 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             write_metrics(groups, tags, args, reference)
         elif args.table:
             rows = final_table(groups, tags, args, reference)
-            text = markdown_table(rows, groups, tags, args)
-            print(text, end="")
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text)
-            if args.csv:
-                write_csv(rows, Path(args.csv))
+            emit_table(text=markdown_table(rows, groups, tags, args), rows=rows, markdown_path=args.out,
+                       csv_path=args.csv)
         else:
             paths = figure_paths(args.out or "plot.png", args.formats)
             save_figure(build_figure(groups, tags, args, reference), paths, args.dpi)
