@@ -24,6 +24,7 @@ from plasticity.flags import POSITIVE, POSITIVE_COUNT, ranged
 from plasticity.interventions import Interventions
 from plasticity.losses import c51_atoms, c51_loss, c51_project
 from plasticity.networks import build_torso, default_network
+from plasticity.population import MemberLinear
 
 
 @dataclass
@@ -39,32 +40,41 @@ class Args(CommonArgs):
 class QNetwork(nn.Module):
     """Torso -> linear head with logits over ``n_atoms`` return atoms per action."""
 
-    def __init__(self, obs_shape, num_actions: int, args: Args, atoms: torch.Tensor):
+    def __init__(self, obs_shape, num_actions: int, args: Args, atoms: torch.Tensor, generators=None):
         super().__init__()
         network = default_network(obs_shape) if args.network == "auto" else args.network
-        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes)
+        members = args.num_seeds  # one network per population member; member k drawn from generators[k]
+        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes,
+                                 members=members, generators=generators)
         self.num_actions, self.n_atoms = num_actions, len(atoms)
-        self.head = nn.Linear(self.torso.out_features, num_actions * self.n_atoms)
+        self.head = MemberLinear(members, self.torso.out_features, num_actions * self.n_atoms, generators=generators)
         self.register_buffer("atoms", atoms, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, actions, atoms]; observations are uint8 pixels."""
-        return self.head(self.torso(self.torso.scale_pixels(x))).view(len(x), self.num_actions, self.n_atoms)
+        """Logits [members, batch, actions, atoms]; observations are uint8 pixels [members, batch, ...]."""
+        out = self.head(self.torso(self.torso.scale_pixels(x)))
+        return out.view(*x.shape[:2], self.num_actions, self.n_atoms)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        return (torch.softmax(self(x), dim=2) * self.atoms).sum(dim=2)
+        return (torch.softmax(self(x), dim=-1) * self.atoms).sum(dim=-1)
+
+
+def taken_action(per_action: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``per_action [M, B, A, atoms]`` at ``actions [M, B]`` -> ``[M, B, atoms]``."""
+    index = actions[:, :, None, None].expand(*actions.shape, 1, per_action.shape[-1])
+    return per_action.gather(2, index).squeeze(2)
 
 
 def next_distribution(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
     """Target-network return distribution of the greedy next action (online-chosen with --double-q)."""
-    next_pmfs = torch.softmax(target_network(batch.next_obs), dim=2)
-    chooser = q_network.q_values(batch.next_obs) if args.double_q else (next_pmfs * target_network.atoms).sum(dim=2)
-    return next_pmfs[torch.arange(len(next_pmfs), device=next_pmfs.device), chooser.argmax(dim=1)]
+    next_pmfs = torch.softmax(target_network(batch.next_obs), dim=-1)  # [M, B, A, atoms]
+    chooser = q_network.q_values(batch.next_obs) if args.double_q else (next_pmfs * target_network.atoms).sum(dim=-1)
+    return taken_action(next_pmfs, chooser.argmax(dim=2))
 
 
 def td_targets(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
     """Scalar TD targets r + gamma * (1 - terminated) * E[Z'] (for the diagnostics)."""
-    expected_next = (next_distribution(q_network, target_network, batch, args) * q_network.atoms).sum(dim=1)
+    expected_next = (next_distribution(q_network, target_network, batch, args) * q_network.atoms).sum(dim=-1)
     return batch.rewards + args.gamma * expected_next * (1.0 - batch.terminated.float())
 
 
@@ -74,8 +84,8 @@ def td_loss(q_network: QNetwork, target_network: QNetwork, batch, args: Args) ->
     with torch.no_grad():
         target_pmf = c51_project(next_distribution(q_network, target_network, batch, args), batch.rewards,
                                  batch.terminated.float(), args.gamma, atoms)
-    logits = q_network(batch.obs)[torch.arange(len(batch.actions), device=atoms.device), batch.actions]
-    return c51_loss(logits, target_pmf), (torch.softmax(logits, dim=1) * atoms).sum(dim=1)
+    logits = taken_action(q_network(batch.obs), batch.actions)
+    return c51_loss(logits, target_pmf), (torch.softmax(logits, dim=-1) * atoms).sum(dim=-1)
 
 
 def main(args: Args) -> None:
@@ -83,11 +93,12 @@ def main(args: Args) -> None:
     with experiment.start(args, agent="c51", categorical=True) as run:
         device, envs, rb = run.device, run.envs, run.buffer
         atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
-        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
+        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms, run.init_generators).to(device)
+        # Adam is elementwise: one optimiser over the members' stacked weights is one Adam per member.
         optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
         target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
         target_network.load_state_dict(q_network.state_dict())
-        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed,
+        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=run.seeds,
                                       setting=run.setting)
         diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau, support=atoms, n_actions=envs.num_actions)
 
@@ -99,10 +110,10 @@ def main(args: Args) -> None:
                                                  args.exploration_fraction * args.total_timesteps, global_step)
             with torch.no_grad():
                 q_values = q_network.q_values(obs)
-            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
+            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_random)
 
             # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
-            step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+            step = envs.step(actions, greedy_actions=q_values.argmax(dim=2))
             before, global_step = global_step, global_step + envs.num_envs
             run.record(global_step, step)
             rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
@@ -115,7 +126,8 @@ def main(args: Args) -> None:
                     loss, q_taken = td_loss(q_network, target_network, batch, args)
                 run.log_update(loss, q_taken)
                 optimizer.zero_grad()
-                (loss + interventions.penalty()).backward()
+                # Each member's loss reaches only its own weights: the sum gives every member its own gradient.
+                (loss.sum() + interventions.penalty()).backward()
                 diagnostics.record_grad_norm()
                 optimizer.step()
                 interventions.after_step(update, sample_obs=rb.sample_obs)

@@ -30,6 +30,7 @@ from plasticity.losses import (
     regression_loss,
 )
 from plasticity.networks import build_torso, default_network
+from plasticity.population import MemberLinear
 
 
 @dataclass
@@ -45,20 +46,27 @@ class Args(CommonArgs):
 
 
 class QNetwork(nn.Module):
-    """Torso -> linear head; Q-values directly (regression) or as logits over value bins (categorical)."""
+    """Torso -> linear head; Q-values directly (regression) or as logits over value bins (categorical).
 
-    def __init__(self, obs_shape, num_actions: int, args: Args, support: CategoricalSupport | None):
+    One network per population member (``--num-seeds``): inputs ``[M, B, ...]``, outputs ``[M, B, A]``
+    (categorical ``[M, B, A, bins]``); member k's weights are drawn from ``generators[k]``.
+    """
+
+    def __init__(self, obs_shape, num_actions: int, args: Args, support: CategoricalSupport | None,
+                 generators=None):
         super().__init__()
         network = default_network(obs_shape) if args.network == "auto" else args.network
-        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes)
+        members = args.num_seeds
+        self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes,
+                                 members=members, generators=generators)
         self.num_actions = num_actions
         self.num_bins = support.n_bins if support is not None else 1
-        self.head = nn.Linear(self.torso.out_features, num_actions * self.num_bins)
+        self.head = MemberLinear(members, self.torso.out_features, num_actions * self.num_bins, generators=generators)
         self.support = support
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.torso(self.torso.scale_pixels(x)))  # observations are uint8 pixels
-        return out if self.support is None else out.view(len(x), self.num_actions, self.num_bins)
+        return out if self.support is None else out.view(*x.shape[:2], self.num_actions, self.num_bins)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
         out = self(x)
@@ -67,18 +75,19 @@ class QNetwork(nn.Module):
 
 def td_targets(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * Q_target(s', a'), a' greedy under the target (or online: double-Q)."""
-    next_q = target_network.q_values(batch.next_obs)
+    next_q = target_network.q_values(batch.next_obs)  # [M, B, A]
     chooser = q_network.q_values(batch.next_obs) if args.double_q else next_q
-    next_value = next_q.gather(1, chooser.argmax(dim=1, keepdim=True)).squeeze(1)
+    next_value = next_q.gather(2, chooser.argmax(dim=2, keepdim=True)).squeeze(2)
     return batch.rewards + args.gamma * next_value * (1.0 - batch.terminated.float())
 
 
 def td_loss(q_network: QNetwork, target_network: QNetwork, batch, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The value loss on Q(s, a) and the Q-values of the taken actions."""
+    """The value loss per member [M] on Q(s, a), and the Q-values of the taken actions [M, B]."""
     with torch.no_grad():
         targets = td_targets(q_network, target_network, batch, args)
     out = q_network(batch.obs)
-    taken = out[torch.arange(len(batch.actions), device=out.device), batch.actions]
+    index = batch.actions.view(*batch.actions.shape, 1, *([1] * (out.dim() - 3)))
+    taken = out.gather(2, index.expand(*batch.actions.shape, 1, *out.shape[3:])).squeeze(2)
     support = q_network.support
     if support is None:
         return regression_loss(args.loss, taken, targets), taken
@@ -93,11 +102,12 @@ def main(args: Args) -> None:
         device, envs, rb = run.device, run.envs, run.buffer
         support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device,
                                       sigma_ratio=args.hl_gauss_sigma) if categorical else None)
-        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
+        q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support, run.init_generators).to(device)
+        # Adam is elementwise: one optimiser over the members' stacked weights is one Adam per member.
         optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # one kernel a step
         target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
         target_network.load_state_dict(q_network.state_dict())
-        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed,
+        interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=run.seeds,
                                       setting=run.setting)
         diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau,
                                   support=support.centers if categorical else None, n_actions=envs.num_actions)
@@ -110,10 +120,10 @@ def main(args: Args) -> None:
                                                  args.exploration_fraction * args.total_timesteps, global_step)
             with torch.no_grad():
                 q_values = q_network.q_values(obs)
-            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_generator)
+            actions = experiment.epsilon_greedy(q_values, epsilon, run.action_random)
 
             # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
-            step = envs.step(actions, greedy_actions=q_values.argmax(dim=1))
+            step = envs.step(actions, greedy_actions=q_values.argmax(dim=2))
             before, global_step = global_step, global_step + envs.num_envs
             run.record(global_step, step)
             rb.add(obs, actions, step.learn_reward, step.next_obs, step.terminated, step.truncated, valid=step.store)
@@ -126,7 +136,8 @@ def main(args: Args) -> None:
                     loss, q_taken = td_loss(q_network, target_network, batch, args)
                 run.log_update(loss, q_taken)
                 optimizer.zero_grad()
-                (loss + interventions.penalty()).backward()
+                # Each member's loss reaches only its own weights: the sum gives every member its own gradient.
+                (loss.sum() + interventions.penalty()).backward()
                 diagnostics.record_grad_norm()
                 optimizer.step()
                 interventions.after_step(update, sample_obs=rb.sample_obs)

@@ -1,9 +1,14 @@
-"""Per-env episode returns and lengths, accumulated on the device (pitfall 13).
+"""Per-env episode returns and lengths, accumulated on the device (pitfall 13), for a population.
 
 Gymnasium >= 1.0 vector envs no longer hand back ``final_info`` dicts with
 finished-episode statistics, and AtariVectorEnv never did: the agent keeps its
 own running sums.  ``EpisodeStats`` does that as a few tensor ops per step and
-returns each finished episode exactly once, at the step that ended it.
+reports each finished episode exactly once, at the step that ended it.
+
+Everything is dense, ``[M, E]`` (members of a population x envs of a member), with
+no data-dependent shapes: ``update`` returns the returns and lengths of every env
+together with a mask of the envs whose episode ended at this step, so a step never
+waits on the device (the logger selects the ended entries when it flushes).
 
 Under NEXT_STEP autoreset (AtariEnv) the step after an episode's end is a reset
 step: it belongs to no episode, so pass ``valid=~info["reset_step"]`` and it
@@ -17,51 +22,52 @@ import torch
 
 
 class EpisodeStats:
-    """Running return and length of the episode in flight in each of ``num_envs`` envs.
+    """Running return and length of the episode in flight in each of ``members`` x ``num_envs`` envs.
 
     Returns are accumulated in float64, exact for integer game scores up to 2**53.
     """
 
-    def __init__(self, num_envs: int, device: torch.device | str = "cpu"):
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-        self.num_envs = num_envs
+    def __init__(self, num_envs: int, device: torch.device | str = "cpu", members: int = 1):
+        for name, value in (("num_envs", num_envs), ("members", members)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_envs, self.members = num_envs, members
+        self.shape = (members, num_envs)
         self.device = torch.device(device)
-        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
-        self.lengths = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
-        self._no_episodes = (self.returns[:0], self.lengths[:0])
+        self.returns = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        self.lengths = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
 
-    def update(self, rewards: torch.Tensor, ends: torch.Tensor,
-               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one step; return ``(returns, lengths)`` of the episodes that ended at it.
+    def update(self, rewards: torch.Tensor, ends: torch.Tensor, valid: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add one step; return ``(returns, lengths, ended)``, all ``[M, E]``.
 
-        ``rewards`` [E] (the raw score for logging), ``ends`` bool [E] (the episode
-        ended at this step), ``valid`` bool [E] or None (False: not an env step of
-        any episode, e.g. a NEXT_STEP reset step; it changes nothing).  The outputs
-        are 1-D tensors of equal length, possibly empty.  Selecting the finished
-        episodes sizes a tensor from data, which on CUDA is one small sync; the
-        Atari loop syncs every step anyway to send actions to the emulator.
+        ``rewards`` [M, E] (the raw score for logging), ``ends`` bool [M, E] (the episode
+        ended at this step), ``valid`` bool [M, E] or None (False: not an env step of any
+        episode, e.g. a NEXT_STEP reset step; it changes nothing, and it ends nothing).
+        ``ended[m, e]``: env (m, e)'s episode ended at this step; there ``returns`` (float64)
+        and ``lengths`` (int64) are that episode's, elsewhere 0.  Fresh tensors (later
+        updates do not change them); the running sums restart where an episode ended.
         """
-        if rewards.shape != (self.num_envs,) or ends.shape != (self.num_envs,):
-            raise ValueError(f"rewards and ends must have shape ({self.num_envs},), "
+        if rewards.shape != self.shape or ends.shape != self.shape:
+            raise ValueError(f"rewards and ends must have shape {self.shape} (members, num_envs), "
                              f"got {tuple(rewards.shape)} and {tuple(ends.shape)}")
-        ends = ends.to(self.device, torch.bool)
+        rewards = rewards.to(self.device, torch.float64)
+        ended = ends.to(self.device, torch.bool)
         if valid is None:
-            self.returns += rewards.to(self.device, torch.float64)
-            self.lengths += 1
+            running_returns = self.returns + rewards
+            running_lengths = self.lengths + 1
         else:
+            if valid.shape != self.shape:
+                raise ValueError(f"valid must have shape {self.shape}, got {tuple(valid.shape)}")
             valid = valid.to(self.device, torch.bool)
-            self.returns += torch.where(valid, rewards.to(self.device, torch.float64), 0.0)
-            self.lengths += valid
-            ends = ends & valid
-        if self.device.type == "cpu" and not ends.any():  # a free check on the host; most steps end nothing
-            return self._no_episodes
-        finished = ends.nonzero().squeeze(1)
-        episode_returns = self.returns[finished]
-        episode_lengths = self.lengths[finished]
-        self.returns[finished] = 0.0
-        self.lengths[finished] = 0
-        return episode_returns, episode_lengths
+            running_returns = self.returns + torch.where(valid, rewards, 0.0)
+            running_lengths = self.lengths + valid
+            ended = ended & valid
+        returns = torch.where(ended, running_returns, 0.0)
+        lengths = torch.where(ended, running_lengths, 0)
+        self.returns = torch.where(ended, 0.0, running_returns)
+        self.lengths = torch.where(ended, 0, running_lengths)
+        return returns, lengths, ended
 
     def reset(self) -> None:
         """Forget the episodes in flight (after ``env.reset()``)."""
@@ -73,8 +79,8 @@ class EpisodeStats:
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("returns", "lengths"):
-            if name not in state or state[name].shape != (self.num_envs,):
-                raise ValueError(f"EpisodeStats state must hold {name!r} of shape ({self.num_envs},); "
-                                 f"was it saved with another num_envs?")
-        self.returns.copy_(state["returns"])
-        self.lengths.copy_(state["lengths"])
+            if name not in state or tuple(state[name].shape) != self.shape:
+                raise ValueError(f"EpisodeStats state must hold {name!r} of shape {self.shape} (members, num_envs); "
+                                 f"was it saved with another population or num_envs?")
+        self.returns = state["returns"].to(self.device, torch.float64, copy=True)
+        self.lengths = state["lengths"].to(self.device, torch.int64, copy=True)

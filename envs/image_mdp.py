@@ -1,4 +1,4 @@
-"""The image-classification MDP of Lyle et al. 2023 §3.2, natively vectorised in torch.
+"""The image-classification MDP of Lyle et al. 2023 §3.2, natively vectorised in torch, for a population.
 
 Spec: environments.md §1. A labelled image dataset becomes a continuing MDP:
 
@@ -18,12 +18,25 @@ Spec: environments.md §1. A labelled image dataset becomes a continuing MDP:
   (fresh bijection of pixel positions, the same for every channel),
   ``reward_offset`` (rewards ``r + reward_offset * task_id``).
 
-Everything lives on one device: the dataset is stored once (uint8), a step is a
-handful of tensor ops for all ``num_envs`` copies together, with no Python loop
-over envs and no host-device synchronisation (``task_id`` is a Python int kept
-by counting steps). Randomness comes from one ``torch.Generator`` on the env's
-device, so the same seed gives the same stream of states, images, labels and
-switches (CPU and CUDA streams differ from each other).
+Populations (spec populations.md): one env holds ``M = len(seeds)`` members, the
+envs of M independent runs, each with ``num_envs`` copies; every tensor carries a
+leading member dimension (observations ``[M, num_envs, C, H, W]``).  Member k is
+exactly the env a one-member population with ``seeds=[seeds[k]]`` is: its subset
+of images and ``random_label`` labels (drawn from ``seeds[k]``), its per-step
+draws (a ``plasticity.streams.MemberRandom`` stream per member, seeded with
+``stream_seed(seeds[k], "env")``: one slice serves all members, no loop over
+members per step) and its task draws (permutations, relabellings: a CPU generator
+per member, seeded with ``stream_seed(seeds[k], "task")``, looped over at the
+rare switches) depend on ``seeds[k]`` alone.  Task switches happen at the same
+step for all members (the clock counts steps), so ``task_id`` is one Python int.
+The images are stored once for all members (the union of their subsets); each
+member keeps index tables ``[M, ...]`` into them, so memory does not grow with M
+for a shared dataset.
+
+Everything lives on one device: a step is a handful of tensor ops for all
+members and envs together, with no Python loop and no host-device
+synchronisation.  The per-step streams of CPU and CUDA differ (torch's
+generators do); the task draws do not (they are drawn on the CPU).
 
 Autoreset semantics (the task is continuing): nothing is ever terminated and
 nothing is ever reset after ``reset()``. Every ``episode_length`` steps all
@@ -49,6 +62,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from envs.datasets import DATASETS, SOURCES, class_balanced_subset, load_dataset
+from plasticity.streams import MemberRandom, stream_seed
 
 VARIANTS = ("easy", "random_label", "sparse")
 SHIFTS = ("none", "label_permutation", "random_labels", "label_noise", "pixel_permutation", "reward_offset")
@@ -111,34 +125,51 @@ def optimal_q_values(num_classes: int, variant: str, gamma: float, reward_bias: 
     raise RuntimeError(f"policy iteration for the sparse MDP (K={k}, gamma={gamma}) did not converge")
 
 
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The members' seeds as a list of ints; one clear error for anything else (a bare int, a bool, < 0)."""
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence | np.ndarray | torch.Tensor):
+        raise ValueError(f"seeds must be a non-empty sequence of ints (one per member), got {seeds!r}")
+    seeds = list(seeds.tolist() if isinstance(seeds, np.ndarray | torch.Tensor) else seeds)
+    if not seeds:
+        raise ValueError("seeds must be a non-empty sequence of ints (one per member), got an empty one")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s < 2**63]
+    if bad:
+        raise ValueError(f"seeds must be ints in [0, 2**63), got {bad} in {seeds}")
+    return [int(s) for s in seeds]
+
+
 class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
-    """``num_envs`` independent copies of the image-classification MDP, stepped as tensor ops.
+    """A population of ``M = len(seeds)`` members, each ``num_envs`` copies of the image-classification MDP.
 
     Args:
         dataset: one of ``envs.datasets.DATASETS`` (ignored when ``images``/``labels`` are given).
-        num_envs: number of copies.
+        num_envs: number of copies per member.
         variant: one of ``VARIANTS``.
         shift: shifts applied at every switch, any combination of ``SHIFTS`` (``"none"`` or empty for none).
         shift_every: vector steps between switches (task id += 1 at each, also for ``"none"``,
-            so a stationary control logs the same task windows).
+            so a stationary control logs the same task windows); the same steps for every member.
         shift_frac: fraction of images relabelled by ``label_noise``, in (0, 1].
         reward_offset: per-task reward increment c (``reward_offset`` shift): ``r + c * task_id``.
         episode_length: steps between (logging-only) truncations.
-        num_images: class-balanced subset size (fixed by ``seed``); None for the whole split.
+        num_images: class-balanced subset size (each member's subset fixed by its seed); None for the
+            whole split.
         data_dir, split: where and which split to load (``envs.datasets.load_dataset``).
         device: where the dataset lives and the env steps.
-        seed: seeds the dynamics generator; also fixes the subset and the ``random_label`` labels.
+        seeds: one seed per member (non-negative ints).  ``seeds[k]`` fixes member k's subset and
+            ``random_label`` labels (a CPU generator seeded with it) and seeds its dynamics and task
+            streams (``stream_seed(seeds[k], "env")`` / ``"task"``).
         obs_dtype: float32 (default; pixels / 255 in [0, 1]), float16/float64, or uint8 (raw pixels,
             for compact replay buffers; divide by 255 in the network).
         images, labels: inject a dataset directly (uint8 [N, C, H, W], integer [N] in 0..K-1 with
             every class present); K = max label + 1.
 
-    ``step`` takes int64 actions ``[num_envs]`` on ``device`` and returns
-    ``obs [E, C, H, W]``, ``reward`` float32 ``[E]``, ``terminated`` (always False),
-    ``truncated`` bool ``[E]`` and ``info`` = ``{"task_id": int (task of the returned obs),
-    "correct": bool [E] (a = s for the action just taken), "label": int64 [E] (latent state
-    of the returned obs)}``; on truncation steps also ``final_obs`` (= obs) and ``_final_obs``.
-    Actions are not range-checked (that would need a host sync); out-of-range ones are simply wrong.
+    ``step`` takes int64 actions ``[M, num_envs]`` on ``device`` and returns
+    ``obs [M, E, C, H, W]``, ``reward`` float32 ``[M, E]``, ``terminated`` (always False),
+    ``truncated`` bool ``[M, E]`` and ``info`` = ``{"task_id": int (task of the returned obs, the
+    same for all members), "correct": bool [M, E] (a = s for the action just taken), "label": int64
+    [M, E] (latent state of the returned obs)}``; on truncation steps also ``final_obs`` (= obs) and
+    ``_final_obs``.  Actions are not range-checked (that would need a host sync); out-of-range ones
+    are simply wrong.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -157,7 +188,7 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         data_dir: str | os.PathLike | None = None,
         split: str = "auto",
         device: str | torch.device = "cpu",
-        seed: int = 0,
+        seeds: Sequence[int] = (0,),
         obs_dtype: torch.dtype | str = torch.float32,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -175,6 +206,8 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
             images,
             labels,
         )
+        self.seeds = check_seeds(seeds)
+        self.members = len(self.seeds)
         self.dataset = dataset if images is None else "custom"
         self.num_envs = int(num_envs)
         self.variant = variant
@@ -187,47 +220,78 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         self.episode_length = int(episode_length)
         self.device = torch.device(device)
         self.obs_dtype = _as_obs_dtype(obs_dtype)
-        self.seed = int(seed)
 
         if images is None:
             images, labels = load_dataset(dataset, data_dir=data_dir, split=split)
             num_classes = SOURCES[dataset].num_classes
         else:
             images, labels, num_classes = self._check_injected(images, labels)
-        # The data generator (CPU, so the subset and memorisation labels do not depend on the device)
-        # is used only here: the dataset of this env is fixed by its constructor seed.
-        data_generator = torch.Generator().manual_seed(self.seed)
-        if num_images is not None:
-            if not num_classes <= num_images <= labels.numel():
-                raise ValueError(
-                    f"num_images={num_images} must lie in [{num_classes}, {labels.numel()}] "
-                    f"(at least one image per class, at most the dataset size)"
-                )
-            subset = class_balanced_subset(labels.cpu(), int(num_images), data_generator)
-            images, labels = images[subset.to(images.device)], labels[subset.to(labels.device)]
+        labels = labels.cpu().long()
+        if num_images is not None and not num_classes <= num_images <= labels.numel():
+            raise ValueError(
+                f"num_images={num_images} must lie in [{num_classes}, {labels.numel()}] "
+                f"(at least one image per class, at most the dataset size)"
+            )
+        # Each member's data generator (CPU, so the subset and memorisation labels do not depend on the
+        # device) is used only here: a member's dataset is fixed by its seed.  A loop over members, once.
+        member_indices, member_labels = [], []
+        for seed in self.seeds:
+            data_generator = torch.Generator().manual_seed(seed)
+            if num_images is None:
+                indices = torch.arange(labels.numel())
+            else:
+                indices = class_balanced_subset(labels, int(num_images), data_generator).cpu()
+            subset_labels = labels[indices]
+            if variant == "random_label":
+                subset_labels = _redraw_labels(subset_labels, num_classes, data_generator, which=None)
+            member_indices.append(indices)
+            member_labels.append(subset_labels)
+        dataset_indices = torch.stack(member_indices)  # [M, n], sorted rows: indices into the loaded dataset
+        if num_images is None:
+            stored, rows = torch.arange(labels.numel()), dataset_indices
+        else:  # store the union of the members' subsets once; rows index into it
+            stored, inverse = torch.unique(dataset_indices, return_inverse=True)
+            rows = inverse.reshape(dataset_indices.shape)
         self.num_classes = num_classes
-        self.num_images = labels.numel()
+        self.num_images = dataset_indices.shape[1]
         self.obs_shape = tuple(images.shape[1:])
-        if variant == "random_label":
-            labels = _redraw_labels(labels.cpu(), num_classes, data_generator, which=None)
 
-        self._images = images.to(self.device).contiguous()  # current images, pixel-permuted when active
-        self._dataset_labels = labels.to(self.device, torch.long)  # labels at task 0
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self.seed)
+        self._images = (images if num_images is None else images[stored.to(images.device)]).to(
+            self.device
+        ).contiguous()  # [N_stored, C, H, W] uint8, shared by all members (and evaluation copies)
+        self._dataset_indices = dataset_indices.to(self.device)  # [M, n] into the loaded dataset
+        self._rows = rows.to(self.device)  # [M, n] member k's image j is self._images[rows[k, j]]
+        self._dataset_labels = torch.stack(member_labels).to(self.device)  # [M, n] labels at task 0
+        self._reseed(self.seeds)
 
         # Spaces (gymnasium.vector API); observations are torch tensors of these shapes and dtypes.
         high = 255 if self.obs_dtype == torch.uint8 else 1.0
         self.single_observation_space = spaces.Box(0, high, self.obs_shape, dtype=OBS_DTYPES[self.obs_dtype])
         self.single_action_space = spaces.Discrete(num_classes)
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._batch_spaces()
 
-        self._pixel_permutation: torch.Tensor | None = None  # None = identity
+        self._pixel_permutation: torch.Tensor | None = None  # None = identity for every member
+        self._pixel_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (permutation, its expanded index)
         self._frozen = False  # an evaluation copy (``evaluation_copy``) keeps its task: no switches, no restart
         self._restart_task()
-        self._state = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._state = torch.zeros(self.members, self.num_envs, dtype=torch.long, device=self.device)
         self._needs_reset = True
+
+    def _batch_spaces(self) -> None:
+        """[M, E, ...] spaces: the batch of E copies, batched again over the M members."""
+        self.observation_space = batch_space(batch_space(self.single_observation_space, self.num_envs), self.members)
+        self.action_space = batch_space(batch_space(self.single_action_space, self.num_envs), self.members)
+
+    def _reseed(self, seeds: Sequence[int]) -> None:
+        """Seed every member's dynamics stream (per step) and task stream (per switch) from ``seeds``."""
+        self._stream_seeds = list(seeds)
+        self._rng = MemberRandom([stream_seed(s, "env") for s in seeds], self.device)
+        self._task_generators = [torch.Generator().manual_seed(stream_seed(s, "task")) for s in seeds]
+
+    @property
+    def seed(self) -> int:
+        """Member 0's seed (the run's seed for a population of one)."""
+        return self.seeds[0]
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -298,101 +362,134 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
 
     # ------------------------------------------------------------------ task state
     def _restart_task(self) -> None:
-        """Back to task 0: dataset labels, identity permutations, step counters at 0."""
+        """Back to task 0: dataset labels, identity permutations, step counters at 0 (every member)."""
         self.task_id = 0
         self._step_count = 0
         self._raw_labels = self._dataset_labels
-        self._class_permutation = torch.arange(self.num_classes, device=self.device)
-        self._set_pixel_permutation(None)
+        self._class_permutation = (
+            torch.arange(self.num_classes, device=self.device).expand(self.members, -1).contiguous()
+        )
+        self._pixel_permutation = None
         self._rebuild_class_tables()
 
     def _rebuild_class_tables(self) -> None:
-        """Per-class index tables for sampling an image of a class: argsort by current label + counts."""
-        labels = self._class_permutation[self._raw_labels]
-        self._labels = labels
-        self._images_by_class = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=self.num_classes)
-        self._class_start = torch.cumsum(counts, 0) - counts
-        self._class_last = self._class_start + counts - 1
-        self._class_count = counts.to(torch.float32)
+        """Per-member tables for sampling an image of a class: argsort by current label + counts, [M, ...].
 
-    def _set_pixel_permutation(self, permutation: torch.Tensor | None) -> None:
-        """Re-order the stored images' pixel positions; ``obs_flat[p] = original_flat[permutation[p]]``.
-
-        Only the permuted copy is kept (the original is the inverse gather away), so a
-        step costs nothing extra while a permutation is active.
+        ``_images_by_class[k]`` lists member k's stored-image rows sorted by current label;
+        ``_class_start[k, s]`` is the position of class s's first one in the flattened ``[M * n]``
+        table (so one ``take`` serves every member) and ``_class_count[k, s]`` their number.
         """
-        if permutation is None and self._pixel_permutation is None:
-            return
-        n, c, h, w = self._images.shape
-        # relative[p] = current position holding original pixel permutation[p]
-        relative = torch.arange(h * w, device=self.device) if permutation is None else permutation
-        if self._pixel_permutation is not None:
-            relative = torch.argsort(self._pixel_permutation)[relative]
-        flat = self._images.reshape(n * c, h * w)
-        # gather with an expanded index is ~10x faster than index_select along the last dim on CPU.
-        self._images = torch.gather(flat, 1, relative.expand(n * c, h * w)).reshape(n, c, h, w)
-        self._pixel_permutation = permutation
+        labels = self._class_permutation.gather(1, self._raw_labels)  # [M, n]
+        self._labels = labels
+        self._images_by_class = self._rows.gather(1, torch.argsort(labels, dim=1, stable=True))  # [M, n]
+        counts = torch.zeros(self.members, self.num_classes, dtype=torch.long, device=self.device)
+        counts.scatter_add_(1, labels, torch.ones_like(labels))
+        member_start = torch.arange(self.members, device=self.device)[:, None] * self.num_images
+        self._class_start = torch.cumsum(counts, 1) - counts + member_start  # [M, K], flat positions
+        self._class_count = counts.to(torch.float64)
+        self._member_classes = torch.arange(self.members, device=self.device)[:, None] * self.num_classes  # [M, 1]
 
     def _switch_task(self) -> None:
-        """Apply every requested shift (spec §1 table); reproducible from the env's generator."""
+        """Apply every requested shift (spec §1 table), each member drawing from its own task stream.
+
+        A loop over members: switches are rare, and a relabelling that leaves a class empty is
+        redrawn (a member's number of draws depends on its own data only).  The draws are made on
+        the CPU and the new tables replace the old tensors (never edited in place: evaluation copies
+        share them).
+        """
         self.task_id += 1
-        g = self._generator
+        generators = self._task_generators
         labels_changed = False
         if "label_permutation" in self.shift:
-            self._class_permutation = torch.randperm(self.num_classes, generator=g, device=self.device)
+            self._class_permutation = torch.stack(
+                [torch.randperm(self.num_classes, generator=g) for g in generators]
+            ).to(self.device)
             labels_changed = True
         if "random_labels" in self.shift:
-            self._raw_labels = _redraw_labels(self._raw_labels, self.num_classes, g, which=None)
+            raw = self._raw_labels.cpu()
+            self._raw_labels = torch.stack(
+                [_redraw_labels(raw[k], self.num_classes, g, which=None) for k, g in enumerate(generators)]
+            ).to(self.device)
             labels_changed = True
         if "label_noise" in self.shift:
             num_noisy = max(1, round(self.shift_frac * self.num_images))
-            noisy = torch.randperm(self.num_images, generator=g, device=self.device)[:num_noisy]
-            self._raw_labels = _redraw_labels(self._raw_labels, self.num_classes, g, which=noisy)
+            raw = self._raw_labels.cpu()
+            noisy_rows = []
+            for k, g in enumerate(generators):
+                noisy = torch.randperm(self.num_images, generator=g)[:num_noisy]
+                noisy_rows.append(_redraw_labels(raw[k], self.num_classes, g, which=noisy))
+            self._raw_labels = torch.stack(noisy_rows).to(self.device)
             labels_changed = True
         if "pixel_permutation" in self.shift:
             height, width = self.obs_shape[1:]
-            self._set_pixel_permutation(torch.randperm(height * width, generator=g, device=self.device))
+            self._pixel_permutation = torch.stack(
+                [torch.randperm(height * width, generator=g) for g in generators]
+            ).to(self.device)
         if labels_changed:
             self._rebuild_class_tables()
 
     # ------------------------------------------------------------------ observations
-    def _observe(self, state: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn image of each env's current class, as ``obs_dtype``."""
-        uniform = torch.rand(self.num_envs, generator=self._generator, device=self.device)
-        offset = (uniform * self._class_count[state]).long()
-        # The minimum guards against u * n rounding up to n (the next class's first image).
-        position = torch.minimum(self._class_start[state] + offset, self._class_last[state])
-        images = self._images.index_select(0, self._images_by_class[position])
+    def _observe(self, state: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """One uniformly drawn image of each env's current class [M, E, C, H, W], as ``obs_dtype``.
+
+        ``uniform`` [M, E] float64 in [0, 1): a double u < 1 is at most 1 - 2**-53, and then
+        ``floor(u * n) <= n - 1`` for every count n < 2**52 (the product rounds below n), so the
+        offset never reaches the next class's first image.
+        """
+        members, num_envs = state.shape
+        classes = state + self._member_classes  # [M, E]: positions in the flattened [M * K] tables
+        offset = (uniform * torch.take(self._class_count, classes)).long()
+        position = torch.take(self._class_start, classes) + offset
+        images = self._images.index_select(0, torch.take(self._images_by_class, position).reshape(-1))
+        if self._pixel_permutation is not None:
+            # obs_flat[p] = original_flat[perm[p]], per member; gather with an expanded index is ~10x
+            # faster than index_select along the last dim on CPU.
+            flat = images.reshape(members, num_envs * self.obs_shape[0], -1)
+            images = torch.gather(flat, 2, self._pixel_index(flat.shape))
+        images = images.reshape(members, num_envs, *self.obs_shape)
         if self.obs_dtype == torch.uint8:
             return images
         return images.to(self.obs_dtype).div_(255)
 
-    # ------------------------------------------------------------------ gymnasium API
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Start task 0 (labels, permutations and counters restored); ``seed`` re-seeds the dynamics.
+    def _pixel_index(self, shape: torch.Size) -> torch.Tensor:
+        """The pixel permutations expanded to ``shape`` [M, E*C, H*W] for ``gather``, built once per switch.
 
-        The dataset itself (subset, ``random_label`` labels) stays the one fixed at construction.
+        (Expanding costs more than the gather itself for small observations.)
+        """
+        cached = self._pixel_cache
+        if cached is None or cached[0] is not self._pixel_permutation or cached[1].shape != shape:
+            cached = self._pixel_cache = (self._pixel_permutation, self._pixel_permutation[:, None, :].expand(shape))
+        return cached[1]
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(
+        self, *, seeds: Sequence[int] | None = None, options: dict | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Start task 0 (labels, permutations and counters restored); ``seeds`` re-seed the dynamics.
+
+        ``seeds``: one per member (member k's dynamics and task streams restart from
+        ``stream_seed(seeds[k], ...)``, as at construction with ``seeds[k]``), or None to continue the
+        streams.  The dataset itself (subsets, ``random_label`` labels) stays the one fixed at
+        construction.  An evaluation copy keeps its task.
         """
         if options:
             raise ValueError(
                 f"reset options are not supported (got {sorted(options)}); the task never needs one"
             )
-        if seed is not None:
-            if not isinstance(seed, int | np.integer):
-                raise ValueError(
-                    f"seed must be an int (one generator drives all envs), got {type(seed).__name__}"
-                )
-            self._generator.manual_seed(int(seed))
+        if seeds is not None:
+            seeds = check_seeds(seeds)
+            if len(seeds) != self.members:
+                raise ValueError(f"reset got {len(seeds)} seeds for {self.members} members: {seeds}")
+            self._reseed(seeds)
         if self._frozen:
             self._step_count = 0
         else:
             self._restart_task()
-        self._state = torch.randint(
-            self.num_classes, (self.num_envs,), generator=self._generator, device=self.device
-        )
+        # One request per step for both draws (next state, image): [M, 2, E].
+        state_draw, image_draw = self._rng.uniform(2, self.num_envs).unbind(1)
+        self._state = (state_draw * self.num_classes).long()
         self._needs_reset = False
-        return self._observe(self._state), {"task_id": self.task_id, "label": self._state}
+        return self._observe(self._state, image_draw), {"task_id": self.task_id, "label": self._state}
 
     def step(
         self, actions: torch.Tensor
@@ -400,13 +497,10 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
         actions = torch.as_tensor(actions, device=self.device)
-        if (
-            actions.shape != (self.num_envs,)
-            or actions.dtype.is_floating_point
-            or actions.dtype == torch.bool
-        ):
+        shape = (self.members, self.num_envs)
+        if actions.shape != shape or actions.dtype.is_floating_point or actions.dtype == torch.bool:
             raise ValueError(
-                f"actions must be an integer tensor of shape ({self.num_envs},), "
+                f"actions must be an integer tensor of shape {shape} (members, num_envs), "
                 f"got {actions.dtype} {tuple(actions.shape)}"
             )
         state = self._state
@@ -418,9 +512,9 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         if self._offset_rewards and self.task_id != 0:
             reward += self.reward_offset * self.task_id  # the task the action was taken in
 
-        random_state = torch.randint(
-            self.num_classes, (self.num_envs,), generator=self._generator, device=self.device
-        )
+        # One request per step for both draws, [M, 2, E]: the next state's, then the image's.
+        state_draw, image_draw = self._rng.uniform(2, self.num_envs).unbind(1)
+        random_state = (state_draw * self.num_classes).long()
         if self.variant == "sparse":
             self._state = torch.where(correct, (state + 1) % self.num_classes, random_state)
         else:
@@ -429,11 +523,11 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         self._step_count += 1
         if self._step_count % self.shift_every == 0 and not self._frozen:
             self._switch_task()  # the next observation already shows the new task
-        obs = self._observe(self._state)
+        obs = self._observe(self._state, image_draw)
 
         is_truncation = self._step_count % self.episode_length == 0
-        truncated = torch.full((self.num_envs,), is_truncation, dtype=torch.bool, device=self.device)
-        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        truncated = torch.full(shape, is_truncation, dtype=torch.bool, device=self.device)
+        terminated = torch.zeros(shape, dtype=torch.bool, device=self.device)
         info = {"task_id": self.task_id, "correct": correct, "label": self._state}
         if is_truncation:
             info["final_obs"], info["_final_obs"] = obs, truncated
@@ -441,21 +535,21 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_copy(self, num_envs: int) -> ImageMDPVectorEnv:
-        """``num_envs`` copies of this env frozen at its current task, on a random stream of their own.
+        """``num_envs`` copies per member of this env, frozen at its current task, on random streams of their own.
 
-        The copy plays the task this env is in now (same images, labels, class and pixel
-        permutations, reward offset) and never switches: its ``reset(seed=...)`` draws fresh
-        latent states without going back to task 0.  It shares the dataset and the task's tables
-        with this env instead of copying them (a switch here replaces those tensors, never edits
-        them in place), so it costs no memory, and stepping it leaves this env untouched.
+        Member k of the copy plays member k's current task (same images, labels, class and pixel
+        permutations, reward offset) and never switches: ``reset(seeds=...)`` (one seed per member)
+        seeds it and draws fresh latent states without going back to task 0.  It shares the dataset
+        and the task's tables with this env instead of copying them (a switch here replaces those
+        tensors, never edits them in place), so it costs no memory, and stepping it leaves this env
+        untouched.
         """
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         twin = copy.copy(self)
         twin.num_envs = int(num_envs)
-        twin.observation_space = batch_space(self.single_observation_space, twin.num_envs)
-        twin.action_space = batch_space(self.single_action_space, twin.num_envs)
-        twin._generator = torch.Generator(device=self.device)
+        twin._batch_spaces()
+        twin._reseed([stream_seed(s, "evaluation") for s in self.seeds])  # placeholder: reset(seeds=...)
         twin._frozen = True
         twin._needs_reset = True
         return twin
@@ -464,8 +558,10 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
     def optimal_q(self, gamma: float) -> torch.Tensor:
         """Q*(s, a) [K, K] (float32, on ``device``) of the current task, reward offset included.
 
-        easy / random_label: ``1[a = s] + γ/(1-γ) + b/(1-γ)`` with ``b = reward_offset * task_id``
-        (spec §1, ``b`` treated as constant); sparse: exact Bellman fixed point (``optimal_q_values``).
+        The same for every member: Q* is over latent classes, which the permutations and relabellings
+        leave alone.  easy / random_label: ``1[a = s] + γ/(1-γ) + b/(1-γ)`` with
+        ``b = reward_offset * task_id`` (spec §1, ``b`` treated as constant); sparse: exact Bellman
+        fixed point (``optimal_q_values``).
         """
         reward_bias = self.reward_offset * self.task_id if self._offset_rewards else 0.0
         return optimal_q_values(self.num_classes, self.variant, gamma, reward_bias).to(
@@ -477,47 +573,73 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         return self.num_classes
 
     @property
+    def images(self) -> torch.Tensor:
+        """The stored images [N_stored, C, H, W] uint8 (unpermuted), shared by all members."""
+        return self._images
+
+    @property
+    def image_indices(self) -> torch.Tensor:
+        """[M, n]: member k's image j is image ``image_indices[k, j]`` of the loaded (or injected) dataset.
+
+        Rows are sorted; without ``num_images`` every row is ``0..N-1``.
+        """
+        return self._dataset_indices
+
+    @property
     def image_labels(self) -> torch.Tensor:
-        """Current label of every stored image [N] (defines which images each latent class shows)."""
+        """Current label of every image of each member [M, n] (aligned with ``image_indices``)."""
         return self._labels
 
     @property
     def class_permutation(self) -> torch.Tensor:
-        """Active class-label permutation [K]: current label = ``class_permutation[raw label]``."""
+        """Active class-label permutation per member [M, K]: current label = ``class_permutation[k, raw]``."""
         return self._class_permutation
 
     @property
     def pixel_permutation(self) -> torch.Tensor | None:
-        """Active pixel permutation [H*W] (``obs_flat[p] = original_flat[perm[p]]``), None for identity."""
+        """Active pixel permutation per member [M, H*W] (``obs_flat[p] = original_flat[perm[k, p]]``).
+
+        None while every member shows the original pixels (task 0, or no ``pixel_permutation`` shift).
+        """
         return self._pixel_permutation
 
     # ------------------------------------------------------------------ checkpointing
     def _config(self) -> dict:
         return {
+            "seeds": list(self.seeds),
             "num_envs": self.num_envs,
             "variant": self.variant,
-            "shift": self.shift,
+            "shift": list(self.shift),
             "shift_every": self.shift_every,
             "shift_frac": self.shift_frac,
             "reward_offset": self.reward_offset,
             "episode_length": self.episode_length,
             "num_classes": self.num_classes,
             "num_images": self.num_images,
-            "obs_shape": self.obs_shape,
+            "obs_shape": list(self.obs_shape),
         }
 
-    def _data_fingerprint(self) -> tuple[int, int]:
-        # Pixel sums are invariant under pixel permutations; the weighted label sum pins the task-0 labels.
+    def _data_fingerprint(self) -> dict:
+        # The stored pixels' sum and, per member, weighted sums of the subset indices and task-0 labels.
         weights = torch.arange(1, self.num_images + 1, device=self.device)
-        return int(self._images.sum(dtype=torch.long)), int((self._dataset_labels * weights).sum())
+        return {
+            "pixels": int(self._images.sum(dtype=torch.long)),
+            "indices": (self._dataset_indices * weights).sum(1).tolist(),
+            "labels": (self._dataset_labels * weights).sum(1).tolist(),
+        }
 
     def state_dict(self) -> dict:
-        """Everything needed to resume the exact stream (the dataset itself is not included)."""
+        """Everything needed to resume the exact streams of every member (the dataset itself is not included).
+
+        Plain tensors, ints and lists only (loadable with ``torch.load(weights_only=True)``).
+        """
         cpu = torch.device("cpu")
         return {
             "config": self._config(),
             "data_fingerprint": self._data_fingerprint(),
-            "generator_state": self._generator.get_state(),
+            "stream_seeds": list(self._stream_seeds),
+            "rng": self._rng.state_dict(),
+            "task_generators": [g.get_state() for g in self._task_generators],
             "state": self._state.to(cpu, copy=True),
             "raw_labels": self._raw_labels.to(cpu, copy=True),
             "class_permutation": self._class_permutation.to(cpu, copy=True),
@@ -530,29 +652,34 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Resume from ``state_dict()`` of an env built with the same arguments (same data and seed)."""
+        """Resume from ``state_dict()`` of an env built with the same arguments (same data and seeds)."""
+        if "stream_seeds" not in state_dict or "seeds" not in state_dict.get("config", {}):
+            raise ValueError("state_dict is not from a population ImageMDPVectorEnv (saved by an older version?); "
+                             "it cannot be resumed")
+        config = self._config()
         mismatched = {
-            key: (value, self._config()[key])
+            key: (value, config[key])
             for key, value in state_dict["config"].items()
-            if self._config().get(key) != value
+            if key not in config or _plain(config[key]) != _plain(value)
         }
         if mismatched:
             raise ValueError(
                 f"state_dict is from a differently configured env: {{key: (saved, this env)}} = {mismatched}"
             )
-        if tuple(state_dict["data_fingerprint"]) != self._data_fingerprint():
+        if _plain(state_dict["data_fingerprint"]) != _plain(self._data_fingerprint()):
             raise ValueError(
-                "state_dict is from an env built on different data (dataset, split, num_images, seed "
+                "state_dict is from an env built on different data (dataset, split, num_images, seeds "
                 "or random labels differ); build the env with the same arguments before loading"
             )
-        self._generator.set_state(state_dict["generator_state"])
+        self._reseed(state_dict["stream_seeds"])
+        self._rng.load_state_dict(state_dict["rng"])
+        for generator, generator_state in zip(self._task_generators, state_dict["task_generators"], strict=True):
+            generator.set_state(generator_state)
         self._state = state_dict["state"].to(self.device, copy=True)
         self._raw_labels = state_dict["raw_labels"].to(self.device, copy=True)
         self._class_permutation = state_dict["class_permutation"].to(self.device, copy=True)
         saved_permutation = state_dict["pixel_permutation"]
-        self._set_pixel_permutation(
-            None if saved_permutation is None else saved_permutation.to(self.device, copy=True)
-        )
+        self._pixel_permutation = None if saved_permutation is None else saved_permutation.to(self.device, copy=True)
         self._step_count = int(state_dict["step_count"])
         self.task_id = int(state_dict["task_id"])
         self._needs_reset = bool(state_dict["needs_reset"])
@@ -560,15 +687,24 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
 
     def __repr__(self) -> str:
         return (
-            f"ImageMDPVectorEnv({self.dataset}, num_envs={self.num_envs}, variant={self.variant}, "
-            f"shift={self.shift}, device={self.device})"
+            f"ImageMDPVectorEnv({self.dataset}, members={self.members}, num_envs={self.num_envs}, "
+            f"variant={self.variant}, shift={self.shift}, device={self.device})"
         )
+
+
+def _plain(value):
+    """Tuples as lists, recursively: a config compares equal before and after a torch.save round trip."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _redraw_labels(
     labels: torch.Tensor, num_classes: int, generator: torch.Generator, which: torch.Tensor | None
 ) -> torch.Tensor:
-    """Labels with the entries ``which`` (all when None) re-drawn uniformly, as a new tensor.
+    """Labels [n] with the entries ``which`` (all when None) re-drawn uniformly, as a new tensor.
 
     A draw that leaves some class without any image is rejected and redrawn (a
     state must be able to show an image): the result is uniform conditioned on
@@ -584,7 +720,7 @@ def _redraw_labels(
         else:
             new_labels = labels.clone()
             new_labels[which] = draws
-        if bool((torch.bincount(new_labels, minlength=num_classes) > 0).all()):  # one sync per switch
+        if bool((torch.bincount(new_labels, minlength=num_classes) > 0).all()):  # a host check per switch
             return new_labels
     raise ValueError(
         f"{MAX_LABEL_REDRAWS} label draws in a row left a class without images: {labels.numel()} images are "
@@ -593,21 +729,24 @@ def _redraw_labels(
 
 
 class ImageMDPEnv(gymnasium.Env):
-    """Single-env view (``num_envs=1``) of ``ImageMDPVectorEnv`` for ``gym.make`` users.
+    """Single-env view (one member, ``num_envs=1``) of ``ImageMDPVectorEnv`` for ``gym.make`` users.
 
-    Same arguments and semantics (minus ``num_envs``); observations are numpy
-    arrays ``[C, H, W]`` (float32 in [0, 1] by default, uint8 with
+    Same arguments and semantics (minus ``num_envs``; ``seed`` instead of ``seeds``);
+    observations are numpy arrays ``[C, H, W]`` (float32 in [0, 1] by default, uint8 with
     ``obs_dtype="uint8"``), rewards Python floats, actions ints. Same seed, same
-    stream as the vector env with ``num_envs=1``. Never terminates; truncates
+    stream as the vector env with ``seeds=[seed], num_envs=1``. Never terminates; truncates
     every ``episode_length`` steps without resetting anything (see module docstring).
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, dataset: str = "mnist", **kwargs):
-        if "num_envs" in kwargs:
-            raise ValueError("ImageMDPEnv is a single env; use ImageMDPVectorEnv for num_envs > 1")
-        self.vector_env = ImageMDPVectorEnv(dataset, num_envs=1, **kwargs)
+    def __init__(self, dataset: str = "mnist", seed: int = 0, **kwargs):
+        if "num_envs" in kwargs or "seeds" in kwargs:
+            raise ValueError(
+                "ImageMDPEnv is a single env of one member (seed=...); use ImageMDPVectorEnv for "
+                "num_envs > 1 or a population (seeds=[...])"
+            )
+        self.vector_env = ImageMDPVectorEnv(dataset, num_envs=1, seeds=[seed], **kwargs)
         self.observation_space = self.vector_env.single_observation_space
         self.action_space = self.vector_env.single_action_space
 
@@ -617,20 +756,20 @@ class ImageMDPEnv(gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        obs, info = self.vector_env.reset(seed=seed, options=options)
-        return obs[0].cpu().numpy(), {"task_id": info["task_id"], "label": int(info["label"][0])}
+        obs, info = self.vector_env.reset(seeds=None if seed is None else [seed], options=options)
+        return obs[0, 0].cpu().numpy(), {"task_id": info["task_id"], "label": int(info["label"][0, 0])}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
         if not self.action_space.contains(action):
             raise ValueError(f"action must be an int in 0..{self.vector_env.num_classes - 1}, got {action!r}")
-        actions = torch.full((1,), int(action), dtype=torch.long, device=self.vector_env.device)
+        actions = torch.full((1, 1), int(action), dtype=torch.long, device=self.vector_env.device)
         obs, reward, _, truncated, info = self.vector_env.step(actions)
         step_info = {
             "task_id": info["task_id"],
-            "correct": bool(info["correct"][0]),
-            "label": int(info["label"][0]),
+            "correct": bool(info["correct"][0, 0]),
+            "label": int(info["label"][0, 0]),
         }
-        return obs[0].cpu().numpy(), float(reward[0]), False, bool(truncated[0]), step_info
+        return obs[0, 0].cpu().numpy(), float(reward[0, 0]), False, bool(truncated[0, 0]), step_info
 
     def optimal_q(self, gamma: float) -> torch.Tensor:
         return self.vector_env.optimal_q(gamma)

@@ -28,10 +28,24 @@ activation equals f̂ (for all inputs when they were dead).  After a conv layer 
 treats f̂ as the activation at every position, so for a conv -> conv junction
 with zero padding it is exact only away from the borders.
 
+Populations (spec populations.md §5).  On a model of member layers (M networks,
+activations ``[M, B, units...]``) every statistic is ``[M, units]``: utilities, mean
+activations and ages per member, and each member replaces its own lowest-utility
+eligible units.  Selection is by masks, not by a loop: per member, the eligible
+units are ranked by û (a stable sort, ties to the lower index) and those of rank
+< n are replaced; the bias correction, the redraw (member k from its own stream of
+a ``MemberRandom``) and the zeroing of weights and Adam moments are masked tensor
+ops over all members at once.  An ordinary PyTorch model is a population of one.
+
 Host-device synchronisation: none.  |E| and n are computed on the host from
 deterministic age bookkeeping (all units of a layer age together; a unit
 replaced at step s is ineligible while t − s ≤ m, and cannot be replaced again
 in that window), so the device-side ``age > m`` mask is only used to pick R.
+That bookkeeping is the same for every member of a population: all start at age
+0 and each replaces n units per step, so every member has the same |E| (hence
+one accumulator r and one n for all members); which units they are differs.  The
+mask is still ANDed with each member's own ``age > m``, so a member never
+replaces an immature unit even if its ages were to differ.
 """
 
 from __future__ import annotations
@@ -47,7 +61,8 @@ from torch import nn
 from plasticity.flags import COUNT, UNIT_INTERVAL, Range, ranged
 from plasticity.intervention import EveryUpdate, MethodFlags, Parts, Setting
 from plasticity.networks import ActivationRecorder, HiddenLayer
-from plasticity.resets import check_unit_norm, next_layer_columns, reinitialize_units_
+from plasticity.population import as_weight_view, bias_view, weight_param, weight_view
+from plasticity.resets import Random, check_random, check_unit_norm, reinitialize_units_
 
 CBP_UTILITIES = ("contribution", "adaptable")
 
@@ -66,18 +81,20 @@ def check_cbp_args(replacement_rate: float, maturity: int, decay: float, utility
 
 
 class _UnitStatistics:
-    """Running statistics of one hidden layer's units (device tensors) and its replacement bookkeeping.
+    """Running statistics ``[M, units]`` of one hidden layer's units (device tensors) and its replacement
+    bookkeeping (host, the same for every member).
 
     Ages are derived, not stored: all units of a layer age together, so a unit's
     age is ``steps − birth`` with ``birth`` the step of its last replacement (0 at
     the start) -- no per-step increment kernel.
     """
 
-    def __init__(self, num_units: int, device: torch.device):
-        self.utility = torch.zeros(num_units, device=device)
-        self.mean = torch.zeros(num_units, device=device)
-        self.birth = torch.zeros(num_units, dtype=torch.long, device=device)
-        self.accumulator = 0.0  # fractional replacements carried to the next step (host)
+    def __init__(self, members: int, num_units: int, device: torch.device, dtype: torch.dtype):
+        self.utility = torch.zeros(members, num_units, device=device, dtype=dtype)
+        self.mean = torch.zeros(members, num_units, device=device, dtype=dtype)
+        self.birth = torch.zeros(members, num_units, dtype=torch.long, device=device)
+        self.positions = torch.arange(num_units, device=device).expand(members, num_units)  # for the ranks
+        self.accumulator = 0.0  # fractional replacements carried to the next step (host; every member's)
         self.recent: deque[tuple[int, int]] = deque()  # (step, count) of replacements in the last m steps (host)
 
 
@@ -89,12 +106,19 @@ class ContinualBackprop:
     recorded by an ``ActivationRecorder`` -- forwards under ``torch.no_grad()``
     (acting, targets, probes) are ignored.  Build it once the model is on its
     device (its statistics live there), like the optimiser.
+
+    ``random``: the streams of the fresh weights -- a ``MemberRandom`` with one stream per
+    member (a population; member k draws from stream k), or a ``torch.Generator``/None
+    for an ordinary model.  ``last_replaced[name]``: bool mask ``[M, units]`` of the
+    units replaced in that layer at the last step (layers without replacements absent).
+    ``replacements``: ``[M]`` device tensor, units replaced so far per member;
+    ``total_replacements``: the same count on the host (per member).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, replacement_rate: float = 1e-4,
-                 maturity: int = 100, decay: float = 0.99, utility: str = "contribution",
-                 generator: torch.Generator | None = None):
+                 maturity: int = 100, decay: float = 0.99, utility: str = "contribution", random: Random = None):
         check_cbp_args(replacement_rate, maturity, decay, utility)
+        check_random(model, random)
         self.optimizer = optimizer
         self.replacement_rate, self.maturity, self.decay, self.utility = (
             float(replacement_rate), int(maturity), float(decay), utility)
@@ -107,19 +131,23 @@ class ContinualBackprop:
             if hidden.next_layer.bias is None:
                 raise ValueError(f"continual backprop needs a bias in {hidden.name}'s next layer for its "
                                  "bias correction (§5 step 8)")
-        device = self.layers[0].layer.weight.device
-        self.generator = generator
-        self.stats = [_UnitStatistics(hidden.num_units, device) for hidden in self.layers]
+        first = weight_view(self.layers[0].layer)
+        device, self.members = first.device, first.shape[0]
+        # float32 statistics (bf16 activations under autocast accumulate in float32); float64 for a float64 model.
+        self.dtype = torch.promote_types(first.dtype, torch.float32)
+        self.random = random
+        self.stats = [_UnitStatistics(self.members, hidden.num_units, device, self.dtype) for hidden in self.layers]
         # |W^next| is written into a persistent buffer: a fresh multi-MB temporary every step costs page
         # faults on CPU (the Nature CNN's 3136x512 layer: 6.4 MB), more than the arithmetic.
-        self._abs_buffers = [torch.empty_like(hidden.next_layer.weight, requires_grad=False) for hidden in self.layers]
+        self._abs_buffers = [torch.empty_like(weight_param(hidden.next_layer), requires_grad=False)
+                             for hidden in self.layers]
         self.steps = 0
-        self.total_replacements = 0  # host count
-        self.replacements = torch.zeros((), dtype=torch.long, device=device)  # same count, for logging
+        self.total_replacements = 0  # host count, per member
+        self.replacements = torch.zeros(self.members, dtype=torch.long, device=device)  # per member, for logging
         self.last_replaced: dict[str, torch.Tensor] = {}
 
     def ages(self, index: int) -> torch.Tensor:
-        """a_i of the units of hidden layer ``index`` (steps since the unit was created or last replaced)."""
+        """a_i ``[M, units]`` of hidden layer ``index`` (steps since the unit was created or last replaced)."""
         return self.steps - self.stats[index].birth
 
     def _bias_correction(self, index: int) -> torch.Tensor:
@@ -127,17 +155,21 @@ class ContinualBackprop:
 
     # ------------------------------------------------------------------ per-step statistics
     def _outgoing_magnitude(self, index: int) -> torch.Tensor:
-        """Σ_k |W^next_{k,i}| per unit; after conv -> linear summed over the unit's H·W columns too."""
+        """Σ_k |W^next_{k,i}| per member and unit ``[M, units]``; after conv -> linear summed over the unit's
+        H·W columns too."""
         hidden = self.layers[index]
-        magnitude = torch.abs(hidden.next_layer.weight, out=self._abs_buffers[index])
-        if magnitude.ndim == 4:
-            return magnitude.sum(dim=(0, 2, 3))
+        next_layer = hidden.next_layer
+        magnitude = as_weight_view(next_layer, torch.abs(weight_param(next_layer), out=self._abs_buffers[index]))
+        if magnitude.ndim == 5:  # conv next layer [M, out, units, kh, kw]
+            return magnitude.sum(dim=(1, 3, 4))
         # Sum over rows, then over each unit's spatial columns: ~3x faster on CPU than one strided reduction.
-        per_column = magnitude.sum(0)
-        return per_column.view(hidden.num_units, hidden.spatial).sum(1) if hidden.spatial > 1 else per_column
+        per_column = magnitude.sum(1)  # [M, units * spatial]
+        if hidden.spatial > 1:
+            return per_column.view(self.members, hidden.num_units, hidden.spatial).sum(2)
+        return per_column
 
     def _eligible_count(self, stats: _UnitStatistics, num_units: int) -> int:
-        """|{i : a_i > m}| from host bookkeeping, equal to ``(ages > m).sum()`` without a sync."""
+        """|{i : a_i > m}| of every member from host bookkeeping, equal to ``(ages > m).sum(1)`` without a sync."""
         if self.steps <= self.maturity:
             return 0  # units never replaced have age == steps
         while stats.recent and stats.recent[0][0] < self.steps - self.maturity:
@@ -146,7 +178,7 @@ class ContinualBackprop:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One generate-and-test step on every hidden layer (§5 steps 1-8)."""
+        """One generate-and-test step on every hidden layer (§5 steps 1-8), for every member at once."""
         missing = [hidden.name for hidden in self.layers if hidden.name not in self.recorder.post]
         if missing:
             raise ValueError(f"continual backprop has no activations for {', '.join(missing)}: call step() once "
@@ -154,11 +186,11 @@ class ContinualBackprop:
         self.steps += 1  # step 1: every age grows by one (ages = steps − birth)
         self.last_replaced = {}
         keep = 1.0 - self.decay
-        activations = [self.recorder.post[hidden.name] for hidden in self.layers]
+        activations = [self.recorder.post[hidden.name] for hidden in self.layers]  # [M, B, units...]
         self.recorder.post.clear()  # a second step() without a new training forward is an error, not a repeat
         # The recorder holds ReLU outputs (≥ 0), so mean_b |h_bi| = mean_b h_bi: one reduction per layer
         # (over batch and H, W for a conv channel) feeds both f and the contribution utility.
-        batch_means = [h.mean(dim=(0, 2, 3) if h.ndim == 4 else 0, dtype=torch.float32) for h in activations]
+        batch_means = [h.mean(dim=(1, 3, 4) if h.ndim == 5 else 1, dtype=self.dtype) for h in activations]
         outgoing = [self._outgoing_magnitude(index) for index in range(len(self.layers))]
         torch._foreach_lerp_([s.mean for s in self.stats], batch_means, keep)  # step 2
         if self.utility == "contribution":  # step 3
@@ -176,44 +208,60 @@ class ContinualBackprop:
             stats.accumulator -= count
             if count == 0:
                 continue
-            bias_correction = self._bias_correction(index)  # step 7
-            score = torch.where(self.ages(index) > self.maturity, stats.utility / bias_correction, math.inf)
-            units = torch.topk(score, count, largest=False).indices
-            self._replace(hidden, stats, units, stats.mean / bias_correction)  # step 8
+            units, listed = self._select(index, count)  # step 7
+            self._replace(hidden, stats, units, listed, stats.mean / self._bias_correction(index))  # step 8
             stats.recent.append((self.steps, count))
             self.total_replacements += count
-            self.replacements += count
+            self.replacements += units.sum(1)
             self.last_replaced[hidden.name] = units
+
+    def _select(self, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool mask ``[M, units]``: per member, the ``count`` eligible units with the lowest û (§5 step 7);
+        and the ``[M, count]`` indices of the lowest ranks (for drawing only ``count`` fresh rows).
+
+        Ranks from a stable sort (ties go to the lower index); the mask is rank < count AND eligible.
+        """
+        stats = self.stats[index]
+        ages = self.ages(index)
+        eligible = ages > self.maturity
+        score = torch.where(eligible, stats.utility / (1.0 - torch.pow(self.decay, ages)), math.inf)
+        order = torch.sort(score, dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, stats.positions)
+        return (rank < count) & eligible, order[:, :count]
 
     def _adaptable_utility(self, index: int, activations: torch.Tensor, outgoing: torch.Tensor) -> torch.Tensor:
         """mean_b |h_bi − f̂_i| · Σ_k |W^next_{k,i}| / mean_j |W^in_{i,j}| (f̂ after this step's update)."""
-        unit_activations = activations.mean(dim=(2, 3)) if activations.ndim == 4 else activations  # [B, n]
+        unit_activations = activations.mean(dim=(3, 4)) if activations.ndim == 5 else activations  # [M, B, n]
         mean_hat = self.stats[index].mean / self._bias_correction(index)
-        incoming = self.layers[index].layer.weight.flatten(1).abs().mean(1)
+        incoming = weight_view(self.layers[index].layer).flatten(2).abs().mean(2)  # [M, n]
         incoming = incoming.clamp_min(torch.finfo(incoming.dtype).tiny)  # an all-zero row: no division by 0
-        return (unit_activations - mean_hat).abs().mean(0) * outgoing / incoming
+        return (unit_activations - mean_hat.unsqueeze(1)).abs().mean(1) * outgoing / incoming
 
-    def _replace(self, hidden: HiddenLayer, stats: _UnitStatistics, units: torch.Tensor,
+    def _replace(self, hidden: HiddenLayer, stats: _UnitStatistics, units: torch.Tensor, listed: torch.Tensor,
                  mean_hat: torch.Tensor) -> None:
-        """§5 step 8, in the spec's order: bias correction with f̂ first, then reset the units and their stats."""
+        """§5 step 8, in the spec's order: bias correction with f̂ first, then reset the units and their stats.
+
+        ``units``: bool mask ``[M, n]`` (``listed``: its ``[M, count]`` indices); the correction sums over every unit with f̂ masked to the
+        replaced ones, so each member corrects for its own units.
+        """
         next_layer = hidden.next_layer
-        if next_layer.weight.ndim == 4:
-            outgoing = next_layer.weight[:, units].sum(dim=(2, 3))  # a constant input channel through the kernel
-            next_layer.bias.add_(outgoing @ mean_hat[units])
-        else:
-            # Each unit feeds `spatial` consecutive columns, all carrying f̂ of that unit.
-            outgoing = next_layer.weight[:, next_layer_columns(hidden, units)]
-            next_layer.bias.add_(outgoing.view(outgoing.shape[0], -1, hidden.spatial).sum(2) @ mean_hat[units])
-        reinitialize_units_(hidden, units, self.optimizer, self.generator)
-        stats.utility.index_fill_(0, units, 0.0)
-        stats.mean.index_fill_(0, units, 0.0)
-        stats.birth.index_fill_(0, units, self.steps)  # age 0 now
+        weight = weight_view(next_layer).flatten(2)  # [M, out, inputs]: a unit owns consecutive inputs
+        # f̂ of the replaced units (0 elsewhere) on each of the unit's inputs: its H·W columns after conv ->
+        # linear, or its kh·kw kernel taps when the next layer is a conv (a constant input channel).
+        carried = torch.where(units, mean_hat, 0.0).to(weight.dtype)
+        carried = carried.repeat_interleave(weight.shape[2] // hidden.num_units, dim=1)
+        bias_view(next_layer).add_(torch.bmm(weight, carried.unsqueeze(2)).squeeze(2))
+        reinitialize_units_(hidden, units, self.optimizer, self.random, index=listed)
+        stats.utility.masked_fill_(units, 0.0)
+        stats.mean.masked_fill_(units, 0.0)
+        stats.birth.masked_fill_(units, self.steps)  # age 0 now
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,
             "total_replacements": self.total_replacements,
+            "replacements": self.replacements.clone(),
             "layers": [{"utility": s.utility.clone(), "mean": s.mean.clone(), "birth": s.birth.clone(),
                         "accumulator": s.accumulator, "recent": [list(event) for event in s.recent]}
                        for s in self.stats],
@@ -223,10 +271,14 @@ class ContinualBackprop:
         layers = state["layers"]
         if len(layers) != len(self.stats) or any(saved["birth"].shape != s.birth.shape
                                                  for saved, s in zip(layers, self.stats)):
-            raise ValueError("CBP state does not match this model's hidden layers (a checkpoint of another network?)")
+            raise ValueError("CBP state does not match this model's hidden layers and members (a checkpoint of "
+                             "another network?)")
         self.steps = int(state["steps"])
         self.total_replacements = int(state["total_replacements"])
-        self.replacements.fill_(self.total_replacements)
+        if "replacements" in state:
+            self.replacements.copy_(state["replacements"])
+        else:
+            self.replacements.fill_(self.total_replacements)
         for saved, stats in zip(layers, self.stats):
             stats.utility.copy_(saved["utility"])
             stats.mean.copy_(saved["mean"])
@@ -262,6 +314,6 @@ class CBPFlags(MethodFlags):
         if not self.cbp:
             return None
         cbp = ContinualBackprop(parts.model, parts.optimizer, self.cbp_replacement_rate, int(self.cbp_maturity),
-                                self.cbp_decay, self.cbp_utility, parts.generator)
-        # Counted in place: a copy, so a logger holding it sees this step's value.
+                                self.cbp_decay, self.cbp_utility, parts.random)
+        # Counted in place: a copy, so a logger holding it sees this step's value; [M], one count per member.
         return EveryUpdate("cbp", cbp, lambda: {"plasticity/cbp_replacements": cbp.replacements.clone()})

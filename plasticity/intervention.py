@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from plasticity.streams import MemberRandom
+
 SampleObs = Callable[[int], torch.Tensor]
 
 
@@ -41,20 +43,25 @@ class Setting:
 
 @dataclass
 class Parts:
-    """What a method is built on: the online network, its optimiser, the target copy and the methods' generator."""
+    """What a method is built on: the online network, its optimiser, the target copy and the methods' streams.
+
+    ``random`` holds one stream per member of the model (``plasticity.streams``): a method's
+    draws for member k come from member k's stream only, so a population member draws what its
+    single run draws.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     target_model: nn.Module | None
-    generator: torch.Generator
+    random: MemberRandom
     setting: Setting
 
 
 class Intervention:
     """One enabled method as the loop sees it; every hook defaults to doing nothing.
 
-    ``name`` keys the method's state in a checkpoint.  Scalars are 0-dim device tensors
-    (the logger moves them to the host once per window).
+    ``name`` keys the method's state in a checkpoint.  Scalars are ``[M]`` device tensors,
+    one value per member (the logger moves them to the host once per window).
     """
 
     name = ""
@@ -118,10 +125,13 @@ class MethodFlags:
 
 
 class Counter:
-    """An on-device event counter (resets, applications): no host sync to count, a copy to log."""
+    """An on-device event counter per member (resets, applications): no host sync to count, a copy to log.
 
-    def __init__(self, device: torch.device):
-        self.count = torch.zeros((), dtype=torch.long, device=device)
+    ``add(amount)``: an int (every member) or an ``[M]`` tensor (e.g. units reset per member).
+    """
+
+    def __init__(self, device: torch.device, members: int = 1):
+        self.count = torch.zeros(members, dtype=torch.long, device=device)
 
     def add(self, amount: torch.Tensor | int = 1) -> None:
         self.count += amount

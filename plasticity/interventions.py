@@ -23,7 +23,7 @@ draw from one generator seeded from the run seed (never the seed itself, pitfall
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +32,10 @@ from torch import nn
 from plasticity.cbp import CBPFlags
 from plasticity.flags import check_ranges
 from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
+from plasticity.population import members_of
 from plasticity.regularizers import L2Flags, L2InitFlags
 from plasticity.resets import HeadResetFlags, ReDoFlags, SnPFlags
+from plasticity.streams import MemberRandom
 from plasticity.swr import SWRFlags
 
 #: Every method's flags, in the order of events (see the module docstring).
@@ -77,8 +79,8 @@ class Interventions:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 flags: InterventionFlags | None = None, *, target_model: nn.Module | None = None, seed: int = 0,
-                 setting: Setting = DEFAULT_SETTING, **flag_values):
+                 flags: InterventionFlags | None = None, *, target_model: nn.Module | None = None,
+                 seed: int | Sequence[int] = 0, setting: Setting = DEFAULT_SETTING, **flag_values):
         if flags is None:
             flags = InterventionFlags(**flag_values)
         elif flag_values:
@@ -86,9 +88,11 @@ class Interventions:
         check_intervention_flags(flags, setting)
         self.model, self.optimizer, self.target_model = model, optimizer, target_model
         device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(generator_seed(seed))
-        parts = Parts(model, optimizer, target_model, self.generator, setting)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        if len(seeds) != members_of(model):
+            raise ValueError(f"one seed per member: got {len(seeds)} seeds for a model of {members_of(model)} members")
+        self.random = MemberRandom([generator_seed(s) for s in seeds], device)
+        parts = Parts(model, optimizer, target_model, self.random, setting)
         built = (method.build(flags, parts) for method in METHODS)
         self.methods: dict[str, Intervention] = {method.name: method for method in built if method is not None}
         self._penalties = [method for method in self.methods.values()
@@ -128,7 +132,7 @@ class Interventions:
 
     def state_dict(self) -> dict:
         """Tensors and Python scalars only, so ``torch.load(weights_only=True)`` reads it back."""
-        return {"last_step": self._last_step, "generator": self.generator.get_state(),
+        return {"last_step": self._last_step, "random": self.random.state_dict(),
                 "methods": {name: method.state_dict() for name, method in self.methods.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -139,4 +143,4 @@ class Interventions:
         for name, method in self.methods.items():
             method.load_state_dict(state["methods"][name])
         self._last_step = state["last_step"]
-        self.generator.set_state(state["generator"])
+        self.random.load_state_dict(state["random"])

@@ -33,12 +33,15 @@ def _check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
 
 
 def regression_loss(kind: str, q_taken: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean ``mse`` or ``huber`` (δ = 1) loss between Q(s, a) and the TD targets (§9)."""
+    """``mse`` or ``huber`` (δ = 1) loss between Q(s, a) and the TD targets (§9), averaged over the batch.
+
+    The batch is the last dim: ``[M, B] -> [M]`` (one loss per population member), ``[B] -> []``.
+    """
     _check_same_shape("q_taken", q_taken, "targets", targets)
     if kind == "mse":
-        return F.mse_loss(q_taken, targets)
+        return F.mse_loss(q_taken, targets, reduction="none").mean(-1)
     if kind == "huber":
-        return F.huber_loss(q_taken, targets, delta=HUBER_DELTA)
+        return F.huber_loss(q_taken, targets, delta=HUBER_DELTA, reduction="none").mean(-1)
     raise ValueError(f"unknown regression loss {kind!r}; choose one of {', '.join(REGRESSION_LOSSES)} "
                      f"(categorical losses {', '.join(CATEGORICAL_LOSSES)} go through CategoricalSupport)")
 
@@ -129,9 +132,12 @@ class CategoricalSupport:
 
 
 def categorical_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """−Σ_i p_i log softmax(logits)_i, averaged over the batch (HL-Gauss, two-hot and C51 share it)."""
+    """−Σ_i p_i log softmax(logits)_i, averaged over the batch (HL-Gauss, two-hot and C51 share it).
+
+    ``[..., B, N] -> [...]``: a population's ``[M, B, N]`` gives one loss per member.
+    """
     _check_same_shape("logits", logits, "target_probs", target_probs)
-    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean(-1)
 
 
 def c51_atoms(v_min: float, v_max: float, n_atoms: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -142,7 +148,7 @@ def c51_atoms(v_min: float, v_max: float, n_atoms: int, device: torch.device | s
 
 def c51_project(next_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
                 atoms: torch.Tensor) -> torch.Tensor:
-    """Project the distribution of r + γ(1−done)Z' onto the atoms (§10); ``[B, N] -> [B, N]``.
+    """Project the distribution of r + γ(1−done)Z' onto the atoms (§10); ``[..., B, N] -> [..., B, N]``.
 
     Tz_j = clamp(r + γ(1−done) z_j, v_min, v_max), b = (Tz − v_min)/Δz; the mass of
     atom j goes to ⌊b⌋ with weight ⌈b⌉ − b and to ⌈b⌉ with weight b − ⌊b⌋; when
@@ -155,25 +161,25 @@ def c51_project(next_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Te
     atom clipped (r + γz_j can leave the support while the mean stays inside).
     """
     n_atoms = atoms.shape[0]
-    if next_probs.ndim != 2 or next_probs.shape[1] != n_atoms:
-        raise ValueError(f"next_probs must be [B, {n_atoms}] (the target distribution of the greedy next "
+    if next_probs.ndim < 2 or next_probs.shape[-1] != n_atoms:
+        raise ValueError(f"next_probs must be [..., B, {n_atoms}] (the target distribution of the greedy next "
                          f"action); got {tuple(next_probs.shape)}")
-    if rewards.shape != next_probs.shape[:1] or dones.shape != next_probs.shape[:1]:
-        raise ValueError(f"rewards and dones must be [B] = [{next_probs.shape[0]}]; got {tuple(rewards.shape)} "
+    if rewards.shape != next_probs.shape[:-1] or dones.shape != next_probs.shape[:-1]:
+        raise ValueError(f"rewards and dones must be {list(next_probs.shape[:-1])}; got {tuple(rewards.shape)} "
                          f"and {tuple(dones.shape)}")
     v_min, v_max = atoms[0], atoms[-1]
     delta_z = (v_max - v_min) / (n_atoms - 1)
     not_done = 1.0 - dones.to(next_probs.dtype)
-    target_z = (rewards.to(next_probs.dtype).unsqueeze(1)
-                + gamma * not_done.unsqueeze(1) * atoms.unsqueeze(0)).clamp(v_min, v_max)
+    target_z = (rewards.to(next_probs.dtype).unsqueeze(-1)
+                + gamma * not_done.unsqueeze(-1) * atoms).clamp(v_min, v_max)
     position = ((target_z - v_min) / delta_z).clamp(0, n_atoms - 1)
     lower, upper = position.floor(), position.ceil()
     # (lower == upper) adds 1 to the lower weight so an atom hit exactly keeps all its mass.
     lower_mass = next_probs * (upper + (lower == upper).to(next_probs.dtype) - position)
     upper_mass = next_probs * (position - lower)
     projected = torch.zeros_like(next_probs)
-    projected.scatter_add_(1, lower.long(), lower_mass)
-    projected.scatter_add_(1, upper.long(), upper_mass)
+    projected.scatter_add_(-1, lower.long(), lower_mass)
+    projected.scatter_add_(-1, upper.long(), upper_mass)
     return projected
 
 

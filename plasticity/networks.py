@@ -27,7 +27,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+from plasticity.population import (
+    CONV_LAYERS,
+    MEMBER_WEIGHT_LAYERS,
+    NORM_LAYERS,
+    WEIGHT_LAYERS,
+    Generators,
+    MemberConv2d,
+    MemberLayerNorm,
+    MemberLinear,
+    bias_view,
+    fan_in,
+    out_units,
+    weight_view,
+)
+from plasticity.streams import MemberRandom
+
 NETWORK_NAMES = ("nature_cnn", "mlp", "cnn")
 
 _torso_dtype: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("torso_dtype", default=None)
@@ -50,41 +65,44 @@ def torso_precision(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 class Torso(nn.Sequential):
-    """An ``nn.Sequential`` that knows the width of its output (the features Φ).
+    """An ``nn.Sequential`` of member layers that knows the width of its output (the features Φ).
 
-    Conv torsos keep their kernels and inputs channels-last: oneDNN/cuDNN convolutions
-    run faster in that layout (measured: a Nature-CNN DQN update is ~14% faster on CPU).
+    Inputs and outputs carry the member dimension: ``[M, batch, ...] -> [M, batch, out_features]``.
+    With one member, conv torsos run channels-last (oneDNN/cuDNN convolutions are faster in
+    that layout: a Nature-CNN DQN update ~14% on CPU).
     """
 
     def __init__(self, *modules: nn.Module, out_features: int):
         super().__init__(*modules)
         self.out_features = out_features
-        self.channels_last = any(isinstance(m, nn.Conv2d) for m in modules)
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
+        convs = [m for m in modules if isinstance(m, MemberConv2d)]
+        self.channels_last = bool(convs) and convs[0].members == 1
+        for conv in convs:
+            conv.channels_last = self.channels_last
 
     def use_default_layout_(self) -> Torso:
-        """Keep weights and inputs in the default (NCHW) layout from now on, in place.
+        """Keep inputs in the default (NCHW) layout from now on, in place.
 
         For copies run under ``torch.func`` transforms: ``vmap`` cannot make channels-last
         copies of batched tensors (the eNTK's per-sample gradients).  Same values, same math.
         """
         self.channels_last = False
-        return self.to(memory_format=torch.contiguous_format)
+        for module in self:
+            if isinstance(module, MemberConv2d):
+                module.channels_last = False
+        return self
 
     def scale_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels -> float32 in [0, 1], in this torso's layout.
+        """uint8 pixels ``[M, B, ...]`` -> float32 in [0, 1], in this torso's layout.
 
         The layout changes while the pixels are still uint8: a quarter of the bytes a
         float32 copy would move (measured: ~0.2 ms of an 18 ms CPU update).
         """
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x[0].contiguous(memory_format=torch.channels_last).unsqueeze(0)
         return x.to(torch.float32, copy=True).div_(255.0)  # keeps the layout; never scales the caller's tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         dtype = _torso_dtype.get()
         if dtype is None:
             return super().forward(x)
@@ -92,10 +110,10 @@ class Torso(nn.Sequential):
             return super().forward(x).float()
 
 
-def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None) -> list[nn.Module]:
+def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None, members: int) -> list[nn.Module]:
     # Without LN an Identity holds the norm's slot, so a layer has the same module name
     # (``torso.3``) with and without --layer-norm and per-layer curves line up across variants.
-    norm = nn.LayerNorm(norm_shape) if norm_shape is not None else nn.Identity()
+    norm = MemberLayerNorm(members, norm_shape) if norm_shape is not None else nn.Identity()
     return [layer, norm, nn.ReLU()]
 
 
@@ -103,42 +121,51 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def nature_cnn(in_channels: int = 4, height: int = 84, width: int = 84, layer_norm: bool = False) -> Torso:
+def _flatten() -> nn.Flatten:
+    return nn.Flatten(start_dim=2)  # keeps [M, B]
+
+
+def nature_cnn(in_channels: int = 4, height: int = 84, width: int = 84, layer_norm: bool = False,
+               members: int = 1, generators: Generators = None) -> Torso:
     """Mnih et al. 2015: conv 32@8x8/4 -> 64@4x4/2 -> 64@3x3/1 -> FC 512 (inputs already scaled)."""
     modules: list[nn.Module] = []
     channels, h, w = in_channels, height, width
     for out_channels, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
         h, w = _conv_out(h, kernel, stride), _conv_out(w, kernel, stride)
-        conv = nn.Conv2d(channels, out_channels, kernel, stride)
-        modules += _block(conv, [out_channels, h, w] if layer_norm else None)
+        conv = MemberConv2d(members, channels, out_channels, kernel, stride, generators=generators)
+        modules += _block(conv, [out_channels, h, w] if layer_norm else None, members)
         channels = out_channels
-    modules.append(nn.Flatten())
-    modules += _block(nn.Linear(channels * h * w, 512), 512 if layer_norm else None)
+    modules.append(_flatten())
+    modules += _block(MemberLinear(members, channels * h * w, 512, generators=generators),
+                      512 if layer_norm else None, members)
     return Torso(*modules, out_features=512)
 
 
-def mlp(obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256), layer_norm: bool = False) -> Torso:
+def mlp(obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256), layer_norm: bool = False,
+        members: int = 1, generators: Generators = None) -> Torso:
     """Flatten -> [Linear -> (LN) -> ReLU] x len(hidden_sizes)."""
-    modules: list[nn.Module] = [nn.Flatten()]
+    modules: list[nn.Module] = [_flatten()]
     width = math.prod(obs_shape)
     for size in hidden_sizes:
-        modules += _block(nn.Linear(width, size), size if layer_norm else None)
+        modules += _block(MemberLinear(members, width, size, generators=generators), size if layer_norm else None,
+                          members)
         width = size
     return Torso(*modules, out_features=width)
 
 
 def small_cnn(obs_shape: Sequence[int], layer_norm: bool = False, channels: Sequence[int] = (32, 64),
-              hidden_size: int = 256) -> Torso:
+              hidden_size: int = 256, members: int = 1, generators: Generators = None) -> Torso:
     """Small CNN for 28x28 / 32x32 images: conv 3x3 (stride 2, pad 1) per entry of ``channels`` -> FC."""
     in_channels, h, w = obs_shape
     modules: list[nn.Module] = []
     for out_channels in channels:
         h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
-        conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
-        modules += _block(conv, [out_channels, h, w] if layer_norm else None)
+        conv = MemberConv2d(members, in_channels, out_channels, 3, stride=2, padding=1, generators=generators)
+        modules += _block(conv, [out_channels, h, w] if layer_norm else None, members)
         in_channels = out_channels
-    modules.append(nn.Flatten())
-    modules += _block(nn.Linear(in_channels * h * w, hidden_size), hidden_size if layer_norm else None)
+    modules.append(_flatten())
+    modules += _block(MemberLinear(members, in_channels * h * w, hidden_size, generators=generators),
+                      hidden_size if layer_norm else None, members)
     return Torso(*modules, out_features=hidden_size)
 
 
@@ -150,19 +177,29 @@ def default_network(obs_shape: Sequence[int]) -> str:
 
 
 def build_torso(name: str, obs_shape: Sequence[int], layer_norm: bool = False,
-                hidden_sizes: Sequence[int] = (256, 256)) -> Torso:
-    """Build a torso by name (``nature_cnn``, ``mlp`` or ``cnn``) for observations of ``obs_shape``."""
+                hidden_sizes: Sequence[int] = (256, 256), members: int = 1, generators: Generators = None) -> Torso:
+    """Build a torso by name (``nature_cnn``, ``mlp`` or ``cnn``) for observations of ``obs_shape``.
+
+    ``members`` networks at once (a population); member k's weights drawn from ``generators[k]``
+    (None: the global torch generator), in module order.
+    """
     if name == "nature_cnn":
         if len(obs_shape) != 3:
             raise ValueError(f"--network nature_cnn needs image observations (C, H, W); got shape {tuple(obs_shape)}")
-        return nature_cnn(obs_shape[0], obs_shape[1], obs_shape[2], layer_norm=layer_norm)
+        return nature_cnn(obs_shape[0], obs_shape[1], obs_shape[2], layer_norm=layer_norm, members=members,
+                          generators=generators)
     if name == "mlp":
-        return mlp(obs_shape, hidden_sizes, layer_norm=layer_norm)
+        return mlp(obs_shape, hidden_sizes, layer_norm=layer_norm, members=members, generators=generators)
     if name == "cnn":
         if len(obs_shape) != 3:
             raise ValueError(f"--network cnn needs image observations (C, H, W); got shape {tuple(obs_shape)}")
-        return small_cnn(obs_shape, layer_norm=layer_norm)
+        return small_cnn(obs_shape, layer_norm=layer_norm, members=members, generators=generators)
     raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
+
+
+def init_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per member for the initial weights (CPU: the same init on every device)."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
 def check_torso(name: str, obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256)) -> None:
@@ -176,7 +213,7 @@ def check_torso(name: str, obs_shape: Sequence[int], hidden_sizes: Sequence[int]
         warnings.simplefilter("ignore")  # a layer of non-positive size warns before the forward says why
         torso = build_torso(name, obs_shape, hidden_sizes=hidden_sizes)
         try:
-            torso(torch.zeros((2, *obs_shape)))
+            torso(torch.zeros((1, 2, *obs_shape)))
         except RuntimeError as error:
             reason = str(error).splitlines()[0]
             raise ValueError(f"--network {name} cannot process observations of shape {tuple(obs_shape)}: "
@@ -194,15 +231,15 @@ class HiddenLayer:
     """
 
     name: str
-    layer: nn.Linear | nn.Conv2d
-    norm: nn.LayerNorm | None
+    layer: nn.Module  # Linear/Conv2d or their member versions
+    norm: nn.Module | None
     activation: nn.Module
-    next_layer: nn.Linear | nn.Conv2d
+    next_layer: nn.Module
     spatial: int = 1
 
     @property
     def num_units(self) -> int:
-        return self.layer.out_features if isinstance(self.layer, nn.Linear) else self.layer.out_channels
+        return out_units(self.layer)
 
 
 @dataclass(eq=False)
@@ -210,7 +247,7 @@ class LayerMap:
     """All weight-carrying layers of a model, in forward order."""
 
     hidden: list[HiddenLayer]
-    output: nn.Linear | nn.Conv2d
+    output: nn.Module
     output_name: str
     #: (name, module) for every Linear/Conv2d/LayerNorm, input to output.
     ordered: list[tuple[str, nn.Module]]
@@ -223,9 +260,9 @@ def layer_map(model: nn.Module) -> LayerMap:
     the last Linear/Conv2d not followed by an activation is the output layer.
     """
     leaves = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, (*WEIGHT_LAYERS, nn.LayerNorm, nn.ReLU, nn.Flatten))]
-    ordered = [(n, m) for n, m in leaves if isinstance(m, (*WEIGHT_LAYERS, nn.LayerNorm))]
-    pending: list[tuple[str, nn.Module, nn.LayerNorm | None, nn.Module | None]] = []
+              if isinstance(m, (*WEIGHT_LAYERS, *NORM_LAYERS, nn.ReLU, nn.Flatten))]
+    ordered = [(n, m) for n, m in leaves if isinstance(m, (*WEIGHT_LAYERS, *NORM_LAYERS))]
+    pending: list[tuple[str, nn.Module, nn.Module | None, nn.Module | None]] = []
     hidden: list[HiddenLayer] = []
     current: list = []  # [name, layer, norm, activation]
     for name, module in leaves:
@@ -233,7 +270,7 @@ def layer_map(model: nn.Module) -> LayerMap:
             if current:
                 pending.append(tuple(current))
             current = [name, module, None, None]
-        elif isinstance(module, nn.LayerNorm) and current and current[3] is None:
+        elif isinstance(module, NORM_LAYERS) and current and current[3] is None:
             current[2] = module
         elif isinstance(module, nn.ReLU) and current:
             current[3] = module
@@ -244,7 +281,7 @@ def layer_map(model: nn.Module) -> LayerMap:
         if act is None:
             raise ValueError(f"layer_map: hidden layer {name} has no ReLU after it (pitfall 9)")
         spatial = 1
-        if isinstance(layer, nn.Conv2d) and isinstance(next_layer, nn.Linear):
+        if isinstance(layer, CONV_LAYERS) and not isinstance(next_layer, CONV_LAYERS):
             spatial = next_layer.in_features // layer.out_channels
         hidden.append(HiddenLayer(name, layer, norm, act, next_layer, spatial))
     out_name, out_layer = pending[-1][0], pending[-1][1]
@@ -260,7 +297,8 @@ class ActivationRecorder:
     """Keeps the latest activations of every hidden block of a model, via forward hooks.
 
     ``post[name]`` is the ReLU output, ``pre[name]`` (when ``preactivations``) the
-    input of the ReLU (after LayerNorm when present).  Tensors are detached
+    input of the ReLU (after LayerNorm when present), always member-first
+    ``[M, batch, units...]`` (an ordinary model: M = 1).  Tensors are detached
     references, no copies.  With ``only_with_grad=True`` (what CBP uses) forward
     passes under ``torch.no_grad()`` -- action selection, target computation --
     are ignored, so the stored activations are those of the last training
@@ -270,6 +308,7 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module, preactivations: bool = False, only_with_grad: bool = False):
         self.layers = hidden_layers(model)
+        self.members_first = any(isinstance(m, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm)) for m in model.modules())
         self.only_with_grad = only_with_grad
         self.post: dict[str, torch.Tensor] = {}
         self.pre: dict[str, torch.Tensor] = {}
@@ -283,9 +322,10 @@ class ActivationRecorder:
         def hook(module, inputs, output):
             if module is not activation or (self.only_with_grad and not torch.is_grad_enabled()):
                 return
-            self.post[hidden.name] = output.detach()
+            first = self.members_first
+            self.post[hidden.name] = output.detach() if first else output.detach().unsqueeze(0)
             if preactivations:
-                self.pre[hidden.name] = inputs[0].detach()
+                self.pre[hidden.name] = inputs[0].detach() if first else inputs[0].detach().unsqueeze(0)
 
         return hook
 
@@ -301,25 +341,56 @@ class ActivationRecorder:
         self.remove()
 
 
-def reinit_(layer: nn.Module, rows: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
-    """Draw fresh weights from the layer's own (PyTorch default) initialiser, in place.
+def fresh_weights(layer: nn.Module, random: MemberRandom | torch.Generator | None = None) -> torch.Tensor:
+    """A fresh draw of the whole weight from PyTorch's default initialiser, as ``[M, out, fan_in...]``.
 
-    With ``rows`` only those output units are redrawn and their bias set to 0
-    (CBP/ReDo); without, the whole layer is redrawn (weights and bias, as
-    ``reset_parameters``).  In place, so the optimiser keeps the same Parameters.
+    ``random``: a ``MemberRandom`` (member k draws from its own stream; a population) or a
+    ``torch.Generator`` / None (an ordinary one-member model).
     """
-    fresh = torch.empty_like(layer.weight)
+    view = weight_view(layer)
     # PyTorch's default for Linear/Conv2d: kaiming_uniform_(a=sqrt(5)) on the weight, whose
     # bound works out to 1/sqrt(fan_in) -- the same bound as the default bias init.
-    fan_in = fresh[0].numel()
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    fan = fan_in(layer)
+    bound = 1.0 / math.sqrt(fan) if fan > 0 else 0.0
+    if isinstance(random, MemberRandom):
+        return random.symmetric(bound, *view.shape[1:], dtype=view.dtype).to(view.device)
+    return torch.empty(view.shape, dtype=view.dtype, device=view.device).uniform_(-bound, bound, generator=random)
+
+
+def reinit_(layer: nn.Module, units: torch.Tensor | None = None,
+            random: MemberRandom | torch.Generator | None = None) -> None:
+    """Draw fresh weights from the layer's own (PyTorch default) initialiser, in place.
+
+    ``units``: a bool mask ``[M, out]`` of the output units to redraw (their bias set to 0:
+    CBP/ReDo), without a sync; None redraws the whole layer (weights and bias, as
+    ``reset_parameters``).  In place, so the optimiser keeps the same Parameters.
+    An ordinary layer also takes a 1-D index or mask of its units.
+    """
+    view, bias = weight_view(layer), bias_view(layer)
+    fresh = fresh_weights(layer, random)
     with torch.no_grad():
-        fresh.uniform_(-bound, bound, generator=generator)
-        if rows is None:
-            layer.weight.copy_(fresh)
-            if layer.bias is not None:
-                layer.bias.uniform_(-bound, bound, generator=generator)
-        else:
-            layer.weight[rows] = fresh[rows]
-            if layer.bias is not None:
-                layer.bias[rows] = 0.0
+        if units is None:
+            view.copy_(fresh)
+            if bias is not None:
+                fan = fan_in(layer)
+                bound = 1.0 / math.sqrt(fan) if fan > 0 else 0.0
+                if isinstance(random, MemberRandom):
+                    bias.copy_(random.symmetric(bound, *bias.shape[1:], dtype=bias.dtype).to(bias.device))
+                else:
+                    bias.uniform_(-bound, bound, generator=random)
+            return
+        mask = unit_mask(units, view.shape[0], view.shape[1], view.device)
+        view.copy_(torch.where(mask.view(*mask.shape, *([1] * (view.dim() - 2))), fresh, view))
+        if bias is not None:
+            bias.masked_fill_(mask.view(*mask.shape, *([1] * (bias.dim() - 2))), 0.0)
+
+
+def unit_mask(units: torch.Tensor, members: int, num_units: int, device: torch.device) -> torch.Tensor:
+    """``units`` as a bool mask [M, num_units]: a mask already, or (one member) a 1-D index/mask."""
+    if units.dtype == torch.bool and units.shape == (members, num_units):
+        return units.to(device)
+    if members != 1 or units.dim() != 1:
+        raise ValueError(f"units must be a bool mask of shape ({members}, {num_units}); got {tuple(units.shape)}")
+    mask = torch.zeros(num_units, dtype=torch.bool, device=device)
+    mask[units.to(device)] = True
+    return mask.unsqueeze(0)

@@ -7,16 +7,20 @@ quantities "stable rank", and some return an off-by-one srank):
 * ``srank``          -- Kumar et al. 2021: min{k : Σ_{j≤k} σ_j / Σ_j σ_j ≥ 1 − δ}.
 * ``stable_rank``    -- classical ‖Φ‖_F² / ‖Φ‖_2² = Σσ² / σ_1².
 
-All functions take the singular values (any order, any float dtype, on any
-device) and return 0-dim float64 tensors on the same device without a host
-sync, so a diagnostic event can gather every scalar and move them to the host
-once.  A zero matrix has rank 0 under all three; non-finite σ give NaN.
+All functions take the singular values along the last dimension (any order, any
+float dtype, on any device) with any leading batch dimensions -- ``[r]`` gives
+a 0-dim result, ``[M, r]`` (a population's members) gives ``[M]`` -- and return
+float64 tensors on the same device without a host sync, so a diagnostic event
+can gather every scalar and move them to the host once.  A zero matrix has
+rank 0 under all three; non-finite σ give NaN (per batch entry: one diverged
+member does not touch the others).
 
 ``singular_values`` implements the cost rule of the spec: ``svdvals`` in
 float32, and when it fails -- LAPACK/cuSOLVER non-convergence, which happens on
 exactly the ill-conditioned features the diagnostics exist to detect (pitfall
 7), or silently non-finite output -- the eigenvalues of the Gram matrix in
-float64, σ = sqrt(clamp(λ, 0)).
+float64, σ = sqrt(clamp(λ, 0)).  Matrices are ``[..., n, d]``: leading dims are
+batch dims (one SVD call for all members).
 """
 
 from __future__ import annotations
@@ -33,52 +37,55 @@ __all__ = [
     "condition_number",
 ]
 
+_TINY64 = torch.finfo(torch.float64).tiny
+
 
 def _as_matrix(features: Tensor) -> Tensor:
-    """[n, d] floating matrix (extra trailing dims flattened), computed in at least float32."""
+    """[..., n, d] floating matrices (leading dims are batch dims), computed in at least float32."""
     if not isinstance(features, Tensor) or features.dim() < 2:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"features must be a tensor of shape [n_samples, n_features]; got {shape}")
-    matrix = features.flatten(1) if features.dim() > 2 else features
-    return matrix if matrix.dtype == torch.float64 else matrix.float()
+        raise ValueError(f"features must be a tensor of shape [n_samples, n_features] (or [batch, n_samples, "
+                         f"n_features]); got {shape}")
+    return features if features.dtype == torch.float64 else features.float()
 
 
 def gram_singular_values(features: Tensor, with_top_vector: bool = False) -> tuple[Tensor, Tensor | None]:
     """Singular values of Φ from the eigenvalues of its Gram matrix in float64 (the fallback of pitfall 7).
 
-    Uses the smaller Gram matrix (ΦᵀΦ when n ≥ d, else ΦΦᵀ) so exactly
-    min(n, d) values come back, sorted descending, in Φ's compute dtype.  With
-    ``with_top_vector`` also returns v_1, the top right singular vector of Φ
-    (unit norm, shape [d]).
+    ``features``: ``[..., n, d]``.  Uses the smaller Gram matrix (ΦᵀΦ when n ≥ d,
+    else ΦΦᵀ) so exactly min(n, d) values come back per matrix (``[..., r]``),
+    sorted descending, in Φ's compute dtype.  With ``with_top_vector`` also
+    returns v_1, the top right singular vector of Φ (unit norm, ``[..., d]``).
     """
     matrix = _as_matrix(features)
-    n, d = matrix.shape
+    n, d = matrix.shape[-2:]
     dtype = matrix.dtype
     wide = n < d
     matrix64 = matrix.double()
-    gram = matrix64 @ matrix64.T if wide else matrix64.T @ matrix64
+    gram = matrix64 @ matrix64.mT if wide else matrix64.mT @ matrix64
     if with_top_vector:
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
     else:
         eigenvalues, eigenvectors = torch.linalg.eigvalsh(gram), None
-    sv = eigenvalues.clamp_min(0).sqrt().flip(0)
+    sv = eigenvalues.clamp_min(0).sqrt().flip(-1)
     if not with_top_vector:
         return sv.to(dtype), None
-    top = eigenvectors[:, -1]
+    top = eigenvectors[..., -1]
     if wide:  # top eigenvector of ΦΦᵀ is u_1; v_1 = Φᵀ u_1 / σ_1
-        top = matrix64.T @ top
-        top = top / torch.linalg.vector_norm(top).clamp_min(torch.finfo(torch.float64).tiny)
+        top = (matrix64.mT @ top.unsqueeze(-1)).squeeze(-1)
+        top = top / torch.linalg.vector_norm(top, dim=-1, keepdim=True).clamp_min(_TINY64)
     return sv.to(dtype), top.to(dtype)
 
 
 def singular_values(features: Tensor, check_finite: bool = True) -> Tensor:
     """σ_1 ≥ … ≥ σ_r of Φ (not centred), r = min(n, d): ``svdvals`` in float32 with the float64 Gram fallback.
 
+    ``features``: ``[n, d]`` -> ``[r]``, or ``[..., n, d]`` -> ``[..., r]`` (one batched call).
     The fallback runs when ``svdvals`` raises (``torch.linalg.LinAlgError`` is a
     ``RuntimeError``) and, with ``check_finite``, when its output is not finite
     although Φ is.  That finiteness test costs one host sync; pass
-    ``check_finite=False`` to skip it (``Diagnostics.measure`` does, and checks
-    finiteness inside its single host transfer instead).  Non-finite features
+    ``check_finite=False`` to skip it (``Diagnostics.measure`` does not call this
+    function: it runs its own SVD with per-member masks).  Non-finite features
     raise ``ValueError`` when ``check_finite`` (svdvals can silently drop NaN).
     """
     matrix = _as_matrix(features)
@@ -100,15 +107,15 @@ _NON_FINITE_MESSAGE = ("singular_values: the features contain NaN or inf (the ne
 
 
 def _total(sv: Tensor) -> tuple[Tensor, Tensor]:
-    values = sv.double().flatten()
-    return values, values.sum()
+    values = sv.double()
+    return values, values.sum(-1)
 
 
 def effective_rank(sv: Tensor) -> Tensor:
     """Roy & Vetterli: exp(−Σ_{p_k>0} p_k ln p_k), p_k = σ_k / Σσ.  In [1, r]; 0 for a zero matrix."""
     values, total = _total(sv)
-    p = values / total.clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -torch.xlogy(p, p).sum()  # xlogy(0, 0) = 0: zero singular values do not count
+    p = values / total.clamp_min(_TINY64).unsqueeze(-1)
+    entropy = -torch.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: zero singular values do not count
     return _undefined_to_nan(total, torch.where(total > 0, entropy.exp(), torch.zeros_like(total)))
 
 
@@ -123,19 +130,19 @@ def srank(sv: Tensor, delta: float = 0.01) -> Tensor:
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"srank: delta must be in [0, 1); got {delta}")
     values, total = _total(sv)
-    values = values.sort(descending=True).values
-    fraction = values.cumsum(0) / total
+    values = values.sort(dim=-1, descending=True).values
+    fraction = values.cumsum(-1) / total.unsqueeze(-1)
     # Number of prefixes still below the threshold, plus one for the prefix that reaches it.
-    k = ((fraction < 1.0 - delta).sum() + 1).clamp_max(values.numel()).double()  # clamp: rounding at δ = 0
+    k = ((fraction < 1.0 - delta).sum(-1) + 1).clamp_max(values.shape[-1]).double()  # clamp: rounding at δ = 0
     return _undefined_to_nan(total, torch.where(total > 0, k, torch.zeros_like(k)))
 
 
 def stable_rank(sv: Tensor) -> Tensor:
     """Σσ² / σ_1² = ‖Φ‖_F² / ‖Φ‖_2² (classical stable rank).  0 for a zero matrix."""
-    values, _ = _total(sv)
-    top = values.abs().max()
-    ratio = values.square().sum() / top.square().clamp_min(torch.finfo(torch.float64).tiny)
-    return _undefined_to_nan(values.sum(), torch.where(top > 0, ratio, torch.zeros_like(ratio)))
+    values, total = _total(sv)
+    top = values.abs().amax(-1)
+    ratio = values.square().sum(-1) / top.square().clamp_min(_TINY64)
+    return _undefined_to_nan(total, torch.where(top > 0, ratio, torch.zeros_like(ratio)))
 
 
 def condition_number(sv: Tensor, delta: float = 0.01) -> Tensor:
@@ -145,11 +152,11 @@ def condition_number(sv: Tensor, delta: float = 0.01) -> Tensor:
     so no host sync.
     """
     values, _ = _total(sv)
-    values = values.sort(descending=True).values
+    values = values.sort(dim=-1, descending=True).values
     k = srank(values, delta)
-    index = (k.nan_to_num(0.0) - 1).clamp_min(0).long().reshape(1)
-    kth = values.index_select(0, index).squeeze(0)
-    ratio = values[0] / kth
+    index = (k.nan_to_num(0.0) - 1).clamp_min(0).long().unsqueeze(-1)
+    kth = values.gather(-1, index).squeeze(-1)
+    ratio = values[..., 0] / kth
     return torch.where(k > 0, ratio, torch.full_like(ratio, float("nan")))
 
 

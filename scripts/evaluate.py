@@ -181,8 +181,8 @@ def evaluate(options) -> list[str]:
     load_into(network, weights, source, agent)
     name = f"evaluate_{global_step}" + ("" if options.seed is None else f"_seed{options.seed}")
     video_path = run_folder.video_path(run_dir, name) if options.capture_video else None
-    result = evaluator.evaluate(network.q_values, global_step, follow=follow, video_path=video_path,
-                                seed=options.seed)
+    result = evaluator.evaluate(network.q_values, global_step, follow=follow,
+                                video_paths=None if video_path is None else [video_path], seed=options.seed)[0]
     evaluator.close()
 
     mean, low, high = (float(value[0]) for value in stratified_bootstrap_ci(

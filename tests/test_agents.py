@@ -184,7 +184,7 @@ def test_resume_after_crash_drops_the_steps_after_the_checkpoint(tmp_path, mnist
     def crash_at_300(self, global_step, obs, *rest):
         keep_going = original(self, global_step, obs, *rest)
         if global_step == 300 and not self.args.resume:
-            self.tracker.writer.flush()
+            self.tracker.writers[0].flush()
             raise RuntimeError("simulated crash")
         return keep_going
 

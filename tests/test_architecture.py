@@ -11,7 +11,8 @@ PROJECT_PACKAGES = ("agents", "envs", "plasticity", "scripts")
 #: Layer -> the project layers it may import (besides itself and third-party packages).
 ALLOWED = {
     "plasticity": set(),  # the library: torch only
-    "envs": set(),  # environments and replay buffers stand alone
+    "plasticity.streams": set(),  # the per-member random streams: torch only
+    "envs": {"plasticity.streams"},  # environments and replay buffers; populations draw from plasticity.streams
     "agents.harness.run_folder": set(),  # the run-folder contract: no torch, no project imports
     "agents.harness": {"plasticity", "envs", "agents.harness.run_folder"},
     "agents": {"agents.harness", "agents.harness.run_folder", "plasticity", "envs"},  # the two agent files

@@ -35,16 +35,17 @@ def test_compute_floor_times_the_agents_own_td_loss(module, monkeypatch, one_thr
 def test_agent_update_steps_the_agents_network_and_optimiser(monkeypatch, one_thread):
     """The update callable changes the online weights through the agent's loss (the loop's zero_grad/backward/step)."""
     from envs.atari import AtariEnv
+    from envs.atari_population import AtariPopulation
     from envs.replay_buffer import make_replay_buffer
 
     calls = []
     real = c51.td_loss
     monkeypatch.setattr(c51, "td_loss", lambda *a: calls.append(a) or real(*a))
-    env = AtariEnv("ALE/Breakout-v5", num_envs=1, seed=0, device="cpu", sticky_actions=0.0)
+    env = AtariPopulation([AtariEnv("ALE/Breakout-v5", num_envs=1, seed=0, device="cpu", sticky_actions=0.0)])
     try:
-        obs, _ = env.reset(seed=0)
-        buffer = make_replay_buffer(env.obs_shape, 64, 1, "cpu", seed=0)
-        actions = torch.zeros(1, dtype=torch.long)
+        obs, _ = env.reset(seeds=[0])
+        buffer = make_replay_buffer(env.obs_shape, 64, 1, "cpu", seeds=[0])
+        actions = torch.zeros(1, 1, dtype=torch.long)  # [members, num_envs]
         for _ in range(40):
             next_obs, _, terminated, truncated, info = env.step(actions)
             buffer.add(obs, actions, info["learn_reward"], next_obs, terminated, truncated, valid=~info["reset_step"])
@@ -197,6 +198,6 @@ def test_bench_diagnostics_times_the_agents_update(monkeypatch, one_thread):
         assert len(calls) == 3 + 2 + 1  # warm-up, one timed block of --updates, the update before record_grad_norm
         q_network, target_network, batch, args = calls[0]
         assert type(q_network) is module.QNetwork and type(target_network) is module.QNetwork
-        assert isinstance(args, module.Args) and len(batch.actions) == args.batch_size == 32
+        assert isinstance(args, module.Args) and batch.actions.shape == (1, args.batch_size) == (1, 32)  # one member
         assert q_network.head.out_features == 4 * (int(atoms) if module is c51 else 1)
         assert results["update_ms"] > 0

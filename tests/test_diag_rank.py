@@ -227,3 +227,67 @@ def test_unit_stats_all_zero_layer_is_all_dead_and_dormant():
 def test_unit_stats_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         unit_stats(torch.zeros(4, 3), torch.zeros(4, 2))
+
+
+# ---------------------------------------------------------------------------
+# A leading batch dim (the members of a population): one call, each entry its own value
+# ---------------------------------------------------------------------------
+
+def test_rank_metrics_batch_over_leading_dims():
+    generator = torch.Generator().manual_seed(6)
+    matrices = torch.stack([torch.eye(5), torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])),
+                            torch.randn(5, 5, generator=generator), torch.zeros(5, 5)])
+    sv = singular_values(matrices)
+    assert sv.shape == (4, 5)
+    for metric in (effective_rank, srank, stable_rank, condition_number):
+        batched = metric(sv)
+        assert batched.shape == (4,) and batched.dtype == torch.float64, metric.__name__
+        singles = torch.stack([metric(singular_values(m)) for m in matrices])
+        torch.testing.assert_close(batched, singles, equal_nan=True, msg=metric.__name__)
+    assert srank(sv)[:2].tolist() == [5.0, 2.0] and srank(sv)[3].item() == 0.0
+    nested = sv.reshape(2, 2, 5)
+    assert effective_rank(nested).shape == (2, 2)
+
+
+def test_a_non_finite_batch_entry_is_nan_for_itself_only():
+    sv = torch.tensor([[3.0, 2.0, 1.0], [float("nan"), 1.0, 0.5], [1.0, 1.0, 1.0]])
+    for metric in (effective_rank, srank, stable_rank, condition_number):
+        values = metric(sv)
+        assert math.isnan(values[1].item()), metric.__name__
+        assert torch.equal(values[[0, 2]], torch.stack([metric(sv[0]), metric(sv[2])])), metric.__name__
+
+
+def test_gram_fallback_batches_over_leading_dims():
+    generator = torch.Generator().manual_seed(7)
+    for n, d in ((30, 6), (6, 30)):
+        matrices = torch.randn(3, n, d, generator=generator)
+        sv, top = gram_singular_values(matrices, with_top_vector=True)
+        assert sv.shape == (3, min(n, d)) and top.shape == (3, d)
+        for k in range(3):
+            single_sv, single_top = gram_singular_values(matrices[k], with_top_vector=True)
+            torch.testing.assert_close(sv[k], single_sv)
+            assert abs(torch.dot(top[k], single_top).item()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unit_stats_batch_over_members():
+    generator = torch.Generator().manual_seed(8)
+    for shape in ((3, 10, 5), (3, 4, 6, 2, 2)):
+        pre = torch.randn(*shape, generator=generator)
+        pre[0, :, 0] = -1.0 - pre[0, :, 0].abs()  # member 0: unit 0 dead
+        pre[2] = pre[2].abs() + 0.1                   # member 2: every unit linearized
+        stats = unit_stats(pre, pre.relu(), dormant_tau=0.2)
+        for key, value in stats.items():
+            assert value.shape == (3,), key
+            singles = torch.stack([unit_stats(pre[k], pre[k].relu(), dormant_tau=0.2)[key] for k in range(3)])
+            torch.testing.assert_close(value, singles, msg=key)
+        assert stats["dead"][0] >= 1 and stats["linearized"][2] == shape[2]
+
+
+def test_unit_stats_of_a_non_finite_member_are_nan_for_it_only():
+    pre = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(9))
+    pre[1, 0, 0] = float("nan")
+    stats = unit_stats(pre, pre.relu())
+    for key, value in stats.items():
+        assert math.isnan(value[1].item()) != (key == "num_units"), key
+        torch.testing.assert_close(value[[0, 2]], torch.stack([unit_stats(pre[k], pre[k].relu())[key]
+                                                               for k in (0, 2)]), msg=key)

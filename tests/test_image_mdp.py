@@ -2,7 +2,9 @@
 
 Real MNIST (``mnist_dir``) where the data matters; small injected datasets of
 unique random images where exact bookkeeping (which image was shown, under which
-labels and pixel permutation) is needed.
+labels and pixel permutation) is needed.  Every env here is a population of one member
+(``seeds=[s]``): tensors carry a leading member dimension of 1.  Populations of several
+members are tested in tests/test_population_envs.py.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def tiny_dataset(num_classes: int = 4, per_class: int = 5, channels: int = 1, si
 def shown_image(
     obs: torch.Tensor, images: torch.Tensor, pixel_permutation: torch.Tensor | None
 ) -> torch.Tensor:
-    """Index of the dataset image each uint8 observation shows, undoing the pixel permutation."""
+    """Index of the dataset image each uint8 observation [E, C, H, W] of one member shows, undoing its
+    pixel permutation [H*W]."""
     num_envs, channels = obs.shape[:2]
     flat = obs.reshape(num_envs, channels, -1)
     if pixel_permutation is not None:  # obs_flat[p] = original_flat[perm[p]]
@@ -69,7 +72,7 @@ def rollout(env, steps: int, policy: str = "oracle", generator: torch.Generator 
         if policy == "oracle":
             action = info["label"]
         else:
-            action = torch.randint(env.num_classes, (env.num_envs,), generator=generator)
+            action = torch.randint(env.num_classes, (env.members, env.num_envs), generator=generator)
         obs, reward, terminated, truncated, info = env.step(action)
         assert not terminated.any()
         records.append((action, obs, reward, truncated, info))
@@ -107,10 +110,11 @@ def test_observations_are_dataset_images_of_the_current_class(mnist):
         labels_by_image.setdefault(image.tobytes(), set()).add(label)
     obs, info = env.reset()
     for _ in range(20):
-        assert obs.dtype == torch.float32 and obs.shape == (32, 1, 28, 28)
+        assert obs.dtype == torch.float32 and obs.shape == (1, 32, 1, 28, 28)
+        assert info["label"].shape == (1, 32) and info["label"].dtype == torch.int64
         pixels = torch.round(obs * 255).to(torch.uint8)
         assert torch.equal(pixels.float() / 255, obs)  # exactly uint8 / 255
-        for image, label in zip(pixels.reshape(32, -1).numpy(), info["label"].tolist()):
+        for image, label in zip(pixels.reshape(32, -1).numpy(), info["label"][0].tolist()):
             assert label in labels_by_image[image.tobytes()]
         obs, _, _, _, info = env.step(info["label"])
 
@@ -120,8 +124,8 @@ def test_images_are_drawn_uniformly_within_a_class():
     counts = torch.zeros(len(images))
     obs, info = env.reset()
     for _ in range(40):
-        shown = shown_image(obs, images, None)
-        assert torch.equal(labels[shown], info["label"])
+        shown = shown_image(obs[0], images, None)
+        assert torch.equal(labels[shown], info["label"][0])
         counts += torch.bincount(shown, minlength=len(images))
         obs, _, _, _, info = env.step(info["label"])
     # 40,000 draws over 20 images: each ~2,000 (SE ~43).
@@ -132,21 +136,22 @@ def test_easy_next_state_is_uniform_whatever_the_action(mnist):
     env = ImageMDPVectorEnv(images=mnist[0], labels=mnist[1], num_envs=512, obs_dtype=torch.uint8)
     counts = torch.zeros(10, 10)  # [action, next state]
     for action, _, _, _, info in rollout(env, 60, policy="uniform"):
-        counts.index_put_((action, info["label"]), torch.ones(512), accumulate=True)
+        counts.index_put_((action[0], info["label"][0]), torch.ones(512), accumulate=True)
     frequencies = counts / counts.sum(1, keepdim=True)
     assert (frequencies - 0.1).abs().max() < 0.03  # ~3,000 draws per row
 
 
 def test_random_label_variant_memorises_fixed_random_labels(mnist):
     images, labels = mnist
-    env = ImageMDPVectorEnv(images=images, labels=labels, variant="random_label", num_envs=16, seed=3)
-    changed = (env.image_labels != labels).float().mean().item()
+    env = ImageMDPVectorEnv(images=images, labels=labels, variant="random_label", num_envs=16, seeds=[3])
+    assert env.image_labels.shape == (1, len(labels))
+    changed = (env.image_labels[0] != labels).float().mean().item()
     assert abs(changed - 0.9) < 0.02
     fixed = env.image_labels.clone()
     assert all(bool((r == 1).all()) for _, _, r, _, _ in rollout(env, 30))
-    env.reset(seed=99)  # the memorisation labels belong to the env, not to the episode
+    env.reset(seeds=[99])  # the memorisation labels belong to the env, not to the episode
     assert torch.equal(env.image_labels, fixed)
-    other = ImageMDPVectorEnv(images=images, labels=labels, variant="random_label", num_envs=16, seed=4)
+    other = ImageMDPVectorEnv(images=images, labels=labels, variant="random_label", num_envs=16, seeds=[4])
     assert not torch.equal(other.image_labels, fixed)
 
 
@@ -159,8 +164,8 @@ def test_sparse_chain_moves_only_on_correct_answers_and_pays_only_at_the_end():
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):
         # Half the envs answer correctly, half at random.
-        guess = torch.randint(k, (512,), generator=generator)
-        action = torch.where(torch.rand(512, generator=generator) < 0.5, state, guess)
+        guess = torch.randint(k, (1, 512), generator=generator)
+        action = torch.where(torch.rand(1, 512, generator=generator) < 0.5, state, guess)
         obs, reward, _, _, info = env.step(action)
         correct = action == state
         assert torch.equal(info["correct"], correct)
@@ -186,7 +191,7 @@ def test_sparse_chain_moves_only_on_correct_answers_and_pays_only_at_the_end():
 def test_copies_are_independent_and_the_single_env_is_the_vector_env_with_one_copy(mnist):
     env = ImageMDPVectorEnv(images=mnist[0], labels=mnist[1], num_envs=2, obs_dtype=torch.uint8)
     same = torch.stack(
-        [info["label"][0] == info["label"][1] for _, _, _, _, info in rollout(env, 2000, "uniform")]
+        [info["label"][0, 0] == info["label"][0, 1] for _, _, _, _, info in rollout(env, 2000, "uniform")]
     )
     assert abs(same.float().mean().item() - 0.1) < 0.025
 
@@ -194,22 +199,22 @@ def test_copies_are_independent_and_the_single_env_is_the_vector_env_with_one_co
         images=mnist[0], labels=mnist[1], shift=("label_permutation", "pixel_permutation"), shift_every=7
     )
     single = ImageMDPEnv(seed=5, **kwargs)
-    vector = ImageMDPVectorEnv(num_envs=1, seed=5, **kwargs)
+    vector = ImageMDPVectorEnv(num_envs=1, seeds=[5], **kwargs)
     obs, info = single.reset()
     vector_obs, vector_info = vector.reset()
-    assert np.array_equal(obs, vector_obs[0].numpy()) and info["label"] == int(vector_info["label"][0])
+    assert np.array_equal(obs, vector_obs[0, 0].numpy()) and info["label"] == int(vector_info["label"][0, 0])
     actions = np.random.default_rng(0).integers(0, 10, size=30)
     for action in actions:
         obs, reward, terminated, truncated, info = single.step(int(action))
-        vector_obs, vector_reward, _, vector_truncated, vector_info = vector.step(torch.tensor([action]))
+        vector_obs, vector_reward, _, vector_truncated, vector_info = vector.step(torch.tensor([[action]]))
         assert isinstance(obs, np.ndarray) and obs.dtype == np.float32 and isinstance(reward, float)
-        assert np.array_equal(obs, vector_obs[0].numpy()) and reward == float(vector_reward[0])
+        assert np.array_equal(obs, vector_obs[0, 0].numpy()) and reward == float(vector_reward[0, 0])
         assert info == {
             "task_id": vector_info["task_id"],
-            "correct": bool(vector_info["correct"][0]),
-            "label": int(vector_info["label"][0]),
+            "correct": bool(vector_info["correct"][0, 0]),
+            "label": int(vector_info["label"][0, 0]),
         }
-        assert terminated is False and truncated == bool(vector_truncated[0])
+        assert terminated is False and truncated == bool(vector_truncated[0, 0])
     assert single.task_id == vector.task_id == 4
 
 
@@ -234,29 +239,30 @@ def test_shifts_that_leave_images_and_labels_alone(shift):
     for key in ("raw_labels", "class_permutation"):
         assert torch.equal(before[key], after[key])
     assert before["pixel_permutation"] is None and after["pixel_permutation"] is None
-    assert torch.equal(reward, torch.ones(64))  # the switching step's reward belongs to task 0
+    assert torch.equal(reward, torch.ones(1, 64))  # the switching step's reward belongs to task 0
     next_reward = env.step(info["label"])[1]
-    assert torch.equal(next_reward, torch.full((64,), 1.5 if shift == "reward_offset" else 1.0))
+    assert torch.equal(next_reward, torch.full((1, 64), 1.5 if shift == "reward_offset" else 1.0))
 
 
 def test_label_permutation_permutes_class_labels_only():
     env, images, labels, before, after, (obs, _, info) = switch_once("label_permutation")
-    permutation = after["class_permutation"]
-    assert torch.equal(before["class_permutation"], torch.arange(4))
+    assert after["class_permutation"].shape == (1, 4)
+    permutation = after["class_permutation"][0]
+    assert torch.equal(before["class_permutation"], torch.arange(4)[None])
     assert torch.equal(torch.sort(permutation).values, torch.arange(4)) and not torch.equal(
         permutation, torch.arange(4)
     )
     assert torch.equal(before["raw_labels"], after["raw_labels"]) and after["pixel_permutation"] is None
-    assert torch.equal(env.image_labels, permutation[labels])
-    shown = shown_image(obs, images, None)  # already drawn under the new labels
-    assert torch.equal(permutation[labels[shown]], info["label"])
+    assert torch.equal(env.image_labels[0], permutation[labels])
+    shown = shown_image(obs[0], images, None)  # already drawn under the new labels
+    assert torch.equal(permutation[labels[shown]], info["label"][0])
 
 
 def test_random_labels_redraws_every_label_only():
     env, _, labels, before, after, _ = switch_once("random_labels", per_class=100)
     changed = (before["raw_labels"] != after["raw_labels"]).float().mean().item()
     assert abs(changed - 0.75) < 0.08  # a fresh uniform draw keeps 1/K of the labels by chance
-    assert torch.equal(after["class_permutation"], torch.arange(4)) and after["pixel_permutation"] is None
+    assert torch.equal(after["class_permutation"], torch.arange(4)[None]) and after["pixel_permutation"] is None
     assert torch.equal(env.image_labels, after["raw_labels"])
 
 
@@ -265,33 +271,34 @@ def test_label_noise_relabels_about_shift_frac_of_the_images():
     changed = (before["raw_labels"] != after["raw_labels"]).sum().item()
     # Exactly 800 of 4,000 images are redrawn; a redraw keeps the old label with probability 1/4.
     assert changed <= 800 and abs(changed - 600) < 60
-    assert torch.equal(after["class_permutation"], torch.arange(4)) and after["pixel_permutation"] is None
+    assert torch.equal(after["class_permutation"], torch.arange(4)[None]) and after["pixel_permutation"] is None
     # Noise accumulates: later switches redraw fresh subsets, not the same one.
     for _ in range(5):
-        env.step(torch.zeros(64, dtype=torch.long))
+        env.step(torch.zeros(1, 64, dtype=torch.long))
     total_changed = (env.image_labels != before["raw_labels"]).sum().item()
     assert total_changed > changed + 300
 
 
 def test_pixel_permutation_is_a_bijection_shared_by_all_channels():
     env, images, labels, before, after, (obs, _, info) = switch_once("pixel_permutation", channels=3, side=4)
-    permutation = after["pixel_permutation"]
+    assert after["pixel_permutation"].shape == (1, 16)
+    permutation = after["pixel_permutation"][0]
     assert before["pixel_permutation"] is None
     assert torch.equal(torch.sort(permutation).values, torch.arange(16)) and not torch.equal(
         permutation, torch.arange(16)
     )
     assert torch.equal(before["raw_labels"], after["raw_labels"])
     assert torch.equal(before["class_permutation"], after["class_permutation"])
-    shown = shown_image(obs, images, permutation)
+    shown = shown_image(obs[0], images, permutation)
     expected = images[shown].reshape(64, 3, 16)[..., permutation].reshape(64, 3, 4, 4)
-    assert torch.equal(obs, expected) and torch.equal(labels[shown], info["label"])
+    assert torch.equal(obs[0], expected) and torch.equal(labels[shown], info["label"][0])
     # The next switch draws a fresh permutation of the *original* pixels (not a composition artefact).
     for _ in range(5):
         obs, _, _, _, info = env.step(info["label"])
-    second = env.pixel_permutation
+    second = env.pixel_permutation[0]
     assert not torch.equal(second, permutation)
-    shown = shown_image(obs, images, second)
-    assert torch.equal(obs, images[shown].reshape(64, 3, 16)[..., second].reshape(64, 3, 4, 4))
+    shown = shown_image(obs[0], images, second)
+    assert torch.equal(obs[0], images[shown].reshape(64, 3, 16)[..., second].reshape(64, 3, 4, 4))
 
 
 def test_combined_shifts_and_reward_offset_grow_with_the_task_id():
@@ -306,10 +313,11 @@ def test_combined_shifts_and_reward_offset_grow_with_the_task_id():
     for step in range(1, 13):
         obs, reward, _, _, info = env.step(info["label"])
         task_of_action = (step - 1) // 3
-        assert torch.equal(reward, torch.full((8,), 1.0 + 0.25 * task_of_action))
+        assert torch.equal(reward, torch.full((1, 8), 1.0 + 0.25 * task_of_action))
         assert info["task_id"] == step // 3
-        shown = shown_image(obs, images, env.pixel_permutation)
-        assert torch.equal(env.image_labels[shown], info["label"])
+        permutation = None if env.pixel_permutation is None else env.pixel_permutation[0]
+        shown = shown_image(obs[0], images, permutation)
+        assert torch.equal(env.image_labels[0][shown], info["label"][0])
 
 
 def test_old_mapping_oracle_drops_to_chance_after_label_permutation(mnist):
@@ -328,13 +336,13 @@ def test_old_mapping_oracle_drops_to_chance_after_label_permutation(mnist):
     obs, info = env.reset()
     accuracy_per_task, fixed_fraction_per_task = [], []
     for _ in range(30):  # one iteration = the 10 actions of one task
-        permutation = env.class_permutation
+        permutation = env.class_permutation[0]
         fixed_fraction_per_task.append((permutation == torch.arange(10)).float().mean().item())
         hits = 0.0
         for _ in range(10):
             position = torch.searchsorted(dataset_hashes, (obs.reshape(32, -1).long() * weights).sum(1))
             old_oracle = labels[order[position]]  # the label each shown image had at task 0
-            obs, reward, _, _, info = env.step(old_oracle)
+            obs, reward, _, _, info = env.step(old_oracle[None])
             hits += reward.mean().item()
         accuracy_per_task.append(hits / 10)
     # Before the first switch the old mapping is the mapping: (almost) perfect (MNIST has a few duplicates).
@@ -350,13 +358,13 @@ def test_old_mapping_oracle_drops_to_chance_after_label_permutation(mnist):
 ALL_SHIFTS = ("label_permutation", "random_labels", "label_noise", "pixel_permutation", "reward_offset")
 
 
-def stream(env, steps=25, reset_seed=None):
-    obs, info = env.reset(seed=reset_seed)
+def stream(env, steps=25, reset_seeds=None):
+    obs, info = env.reset(seeds=reset_seeds)
     out = [obs.clone()]
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         obs, reward, _, _, info = env.step(
-            torch.randint(env.num_classes, (env.num_envs,), generator=generator)
+            torch.randint(env.num_classes, (env.members, env.num_envs), generator=generator)
         )
         out += [obs.clone(), reward.clone(), info["label"].clone(), env.image_labels.clone()]
     return out
@@ -371,13 +379,15 @@ def test_same_seed_same_stream_other_seed_other_stream(variant):
     kwargs = dict(
         variant=variant, shift=ALL_SHIFTS, shift_every=4, reward_offset=0.1, num_envs=6, per_class=8
     )
-    first = stream(make_tiny(seed=1, **kwargs)[0])
-    assert same_stream(first, stream(make_tiny(seed=1, **kwargs)[0]))
-    assert not same_stream(first, stream(make_tiny(seed=2, **kwargs)[0]))
-    # reset(seed) restarts the same stream (the dataset is fixed by the constructor seed).
-    env = make_tiny(seed=1, **kwargs)[0]
+    first = stream(make_tiny(seeds=[1], **kwargs)[0])
+    assert same_stream(first, stream(make_tiny(seeds=[1], **kwargs)[0]))
+    assert not same_stream(first, stream(make_tiny(seeds=[2], **kwargs)[0]))
+    # reset(seeds) restarts the same stream (the dataset is fixed by the constructor seeds).
+    env = make_tiny(seeds=[1], **kwargs)[0]
     stream(env)
-    assert same_stream(first, stream(env, reset_seed=1))
+    assert same_stream(first, stream(env, reset_seeds=[1]))
+    # reset() without seeds continues the streams: task 0 again, other draws.
+    assert not same_stream(first, stream(env))
 
 
 def test_truncation_every_episode_length_without_any_reset(mnist):
@@ -386,12 +396,12 @@ def test_truncation_every_episode_length_without_any_reset(mnist):
     for step in range(1, 36):
         obs, reward, terminated, truncated, info = env.step(info["label"])
         assert not terminated.any()
-        assert torch.equal(truncated, torch.full((4,), step % 10 == 0))
+        assert torch.equal(truncated, torch.full((1, 4), step % 10 == 0))
         assert ("final_obs" in info) == (step % 10 == 0)
         if step % 10 == 0:
             assert info["final_obs"] is obs
         assert torch.equal(
-            reward, torch.ones(4)
+            reward, torch.ones(1, 4)
         )  # the latent state behind obs carries over: oracle stays right
     assert env.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
 
@@ -407,7 +417,7 @@ def test_state_dict_round_trip_resumes_the_identical_stream(tmp_path):
         episode_length=6,
         channels=3,
     )
-    original, _, _ = make_tiny(seed=3, **kwargs)
+    original, _, _ = make_tiny(seeds=[3], **kwargs)
     stream(original, steps=12)  # mid-task, pixels permuted, labels shifted
     buffer = io.BytesIO()
     torch.save(
@@ -415,7 +425,7 @@ def test_state_dict_round_trip_resumes_the_identical_stream(tmp_path):
     )  # checkpoints use weights_only=True: only plain tensors/containers
     saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
 
-    actions = torch.randint(5, (20, 8), generator=torch.Generator().manual_seed(9))
+    actions = torch.randint(5, (20, 1, 8), generator=torch.Generator().manual_seed(9))
 
     def continue_stream(env):
         out = []
@@ -431,16 +441,18 @@ def test_state_dict_round_trip_resumes_the_identical_stream(tmp_path):
         return out
 
     expected = continue_stream(original)
-    resumed, _, _ = make_tiny(seed=3, **kwargs)
+    resumed, _, _ = make_tiny(seeds=[3], **kwargs)
     resumed.load_state_dict(saved)
     assert same_stream(expected, continue_stream(resumed)) and resumed.task_id == original.task_id
     # Loading into an env built on other data, or configured differently, is refused.
     with pytest.raises(ValueError, match="different data"):
-        make_tiny(seed=3, data_seed=1, **kwargs)[0].load_state_dict(saved)
+        make_tiny(seeds=[3], data_seed=1, **kwargs)[0].load_state_dict(saved)
     with pytest.raises(ValueError, match="num_images"):
-        make_tiny(seed=3, **{**kwargs, "per_class": 21})[0].load_state_dict(saved)
+        make_tiny(seeds=[3], **{**kwargs, "per_class": 21})[0].load_state_dict(saved)
     with pytest.raises(ValueError, match="shift_every"):
-        make_tiny(seed=3, **{**kwargs, "shift_every": 6})[0].load_state_dict(saved)
+        make_tiny(seeds=[3], **{**kwargs, "shift_every": 6})[0].load_state_dict(saved)
+    with pytest.raises(ValueError, match="seeds"):
+        make_tiny(seeds=[4], **kwargs)[0].load_state_dict(saved)
 
 
 # ---------------------------------------------------------------------------
@@ -483,13 +495,13 @@ def test_optimal_q_sparse_solves_the_bellman_optimality_equation(gamma):
 
 def test_optimal_q_sparse_matches_monte_carlo_returns():
     gamma, k, num_envs = 0.8, 4, 4096
-    env, _, _ = make_tiny(variant="sparse", num_classes=k, num_envs=num_envs, seed=11)
+    env, _, _ = make_tiny(variant="sparse", num_classes=k, num_envs=num_envs, seeds=[11])
     q_star = env.optimal_q(gamma).double()
     greedy = q_star.argmax(1)
     obs, info = env.reset()
     first_state = info["label"]
-    first_action = torch.randint(k, (num_envs,), generator=torch.Generator().manual_seed(1))
-    returns = torch.zeros(num_envs, dtype=torch.float64)
+    first_action = torch.randint(k, (1, num_envs), generator=torch.Generator().manual_seed(1))
+    returns = torch.zeros(1, num_envs, dtype=torch.float64)
     action, discount = first_action, 1.0
     for _ in range(90):  # 0.8^90 ~ 2e-9: the tail is negligible
         obs, reward, _, _, info = env.step(action)
@@ -512,15 +524,20 @@ def test_optimal_q_rejects_bad_gamma():
 # Construction, errors, registration, placement
 # ---------------------------------------------------------------------------
 def test_dataset_by_name_with_a_class_balanced_subset(mnist_dir):
-    env = ImageMDPVectorEnv("mnist", data_dir=mnist_dir, num_images=50, num_envs=4, seed=2)
+    env = ImageMDPVectorEnv("mnist", data_dir=mnist_dir, num_images=50, num_envs=4, seeds=[2])
     assert env.num_images == 50 and env.num_classes == env.num_actions == 10 and env.obs_shape == (1, 28, 28)
-    assert torch.bincount(env.image_labels).tolist() == [5] * 10
+    assert env.members == 1 and env.seeds == [2] and env.seed == 2
+    assert torch.bincount(env.image_labels[0]).tolist() == [5] * 10
+    assert env.image_indices.shape == (1, 50) and env.images.shape == (50, 1, 28, 28)  # only the subset is stored
+    full_images, full_labels = load_dataset("mnist", data_dir=mnist_dir, download=False)
+    assert torch.equal(full_labels[env.image_indices[0]], env.image_labels[0])
     assert env.single_action_space == gym.spaces.Discrete(10)
-    assert env.observation_space.shape == (4, 1, 28, 28) and env.observation_space.dtype == np.float32
+    assert env.observation_space.shape == (1, 4, 1, 28, 28) and env.observation_space.dtype == np.float32
+    assert env.action_space.shape == (1, 4)
     obs, _ = env.reset()
-    assert env.single_observation_space.contains(obs[0].numpy())
+    assert env.single_observation_space.contains(obs[0, 0].numpy())
     uint8_env = ImageMDPVectorEnv(
-        "mnist", data_dir=mnist_dir, num_images=50, num_envs=4, seed=2, obs_dtype="uint8"
+        "mnist", data_dir=mnist_dir, num_images=50, num_envs=4, seeds=[2], obs_dtype="uint8"
     )
     uint8_obs, _ = uint8_env.reset()
     assert uint8_obs.dtype == torch.uint8 and torch.equal(uint8_obs.float() / 255, obs)
@@ -544,6 +561,12 @@ def test_dataset_by_name_with_a_class_balanced_subset(mnist_dir):
         (dict(shift_every=0), "shift_every must be >= 1"),
         (dict(episode_length=0), "episode_length must be >= 1"),
         (dict(obs_dtype=torch.int32), "obs_dtype"),
+        (dict(seeds=[]), "non-empty"),
+        (dict(seeds=3), "sequence of ints"),
+        (dict(seeds="12"), "sequence of ints"),
+        (dict(seeds=[1, -1]), r"seeds must be ints in \[0, 2\*\*63\)"),
+        (dict(seeds=[1.0]), "seeds must be ints"),
+        (dict(seeds=[True]), "seeds must be ints"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(kwargs, message):
@@ -568,12 +591,16 @@ def test_bad_data_and_bad_calls_are_clear_errors():
         ImageMDPVectorEnv(images=few_images, labels=few_labels, variant="random_label")
     env = ImageMDPVectorEnv(images=images, labels=labels, num_envs=3)
     with pytest.raises(RuntimeError, match="reset"):
-        env.step(torch.zeros(3, dtype=torch.long))
+        env.step(torch.zeros(1, 3, dtype=torch.long))
     env.reset()
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        env.step(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(1, 3\) \(members, num_envs\)"):
+        env.step(torch.zeros(3, dtype=torch.long))  # no member dimension
+    with pytest.raises(ValueError, match=r"shape \(1, 3\)"):
+        env.step(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
-        env.step(torch.zeros(3))
+        env.step(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="2 seeds for 1 members"):
+        env.reset(seeds=[1, 2])
 
 
 def test_gym_make_registration_and_env_checker(mnist_dir):
@@ -607,8 +634,8 @@ def test_cuda_placement_and_resume():
     for tensor in (obs, reward, terminated, truncated, info["label"], info["correct"], env.image_labels):
         assert tensor.device.type == "cuda"
     assert bool((reward == 1 + 0.5 * 2).all())
-    shown = shown_image(obs.cpu(), images, env.pixel_permutation.cpu())
-    assert torch.equal(env.image_labels.cpu()[shown], info["label"].cpu())
+    shown = shown_image(obs[0].cpu(), images, env.pixel_permutation[0].cpu())
+    assert torch.equal(env.image_labels[0].cpu()[shown], info["label"][0].cpu())
     saved = env.state_dict()
     expected = [env.step(info["label"])[0].cpu() for _ in range(5)]
     resumed, _, _ = make_tiny(device="cuda", num_envs=16, shift=ALL_SHIFTS, shift_every=3, reward_offset=0.5)

@@ -96,3 +96,23 @@ def test_l2_init_state_roundtrip(tmp_path):
 def test_negative_coefficient_is_rejected(cls, flag):
     with pytest.raises(ValueError, match=flag):
         cls(_model(), -1e-4)
+
+
+@pytest.mark.parametrize("cls", [L2Penalty, L2InitPenalty])
+def test_an_ordinary_model_is_a_population_of_one(cls):
+    """Per member values are [1]; the penalty itself is their 0-dim sum, logged per member by PenaltyTerm."""
+    from plasticity.regularizers import PenaltyTerm
+
+    model = _model()
+    penalty = cls(model, 0.1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    per_member = penalty.per_member()
+    assert per_member.shape == (1,)
+    assert penalty().dim() == 0 and torch.equal(penalty(), per_member.sum())
+    term = PenaltyTerm("l2", penalty)
+    assert term.scalars()["plasticity/l2_penalty"].shape == (1,)
+    value = term.penalty()
+    assert value.dim() == 0
+    torch.testing.assert_close(term.scalars()["plasticity/l2_penalty"], per_member.detach())

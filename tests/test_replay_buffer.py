@@ -1,10 +1,19 @@
-"""Replay buffers: exact stored transitions, valid masks, uniform sampling, the frame-stack layout (pitfall 11)."""
+"""Replay buffers: exact stored transitions, valid masks, uniform sampling, the frame-stack layout (pitfall 11).
+
+Single runs: populations of one member (leading member dim 1); tests/test_population_buffer.py pins the members.
+"""
 
 import pytest
 import torch
 
 from envs.atari import AtariEnv
-from envs.replay_buffer import Batch, FrameStackReplayBuffer, ReplayBuffer, make_replay_buffer
+from envs.replay_buffer import (
+    Batch,
+    FrameStackReplayBuffer,
+    ReplayBuffer,
+    make_replay_buffer,
+    planned_replay_nbytes,
+)
 
 
 class FrameIdEnv:
@@ -47,6 +56,12 @@ def ids(stack):
     return tuple(stack[:, 0, 0].tolist())
 
 
+def first(batch: Batch) -> Batch:
+    """The only member's batch of a one-member buffer."""
+    assert all(tensor.shape[0] == 1 for tensor in batch)
+    return Batch(*(tensor[0] for tensor in batch))
+
+
 def fill(buffer, env, steps, warmup=0):
     """Run the usual agent loop; return every real transition by obs ids, with its add index."""
     obs = env.reset()
@@ -58,7 +73,8 @@ def fill(buffer, env, steps, warmup=0):
         next_obs, terminated, truncated, reset_step = env.step()
         actions = torch.randint(0, 6, (env.num_envs,), generator=generator)
         rewards = torch.randn(env.num_envs, generator=generator)
-        buffer.add(obs, actions, rewards, next_obs, terminated, truncated, valid=~reset_step)
+        buffer.add(obs[None], actions[None], rewards[None], next_obs[None], terminated[None], truncated[None],
+                   valid=~reset_step[None])
         for e in range(env.num_envs):
             if not reset_step[e]:
                 transitions[ids(obs[e])] = dict(
@@ -87,10 +103,10 @@ def check_batch_against(batch: Batch, transitions):
 def test_frame_stack_returns_exactly_the_stored_transitions_across_the_seam(num_rows, end_prob, seed):
     envs = 3
     env = FrameIdEnv(envs, end_prob, seed)
-    buffer = FrameStackReplayBuffer(num_rows * envs, (4, 2, 2), envs, obs_dtype=torch.int32, seed=seed)
+    buffer = FrameStackReplayBuffer(num_rows * envs, (4, 2, 2), envs, obs_dtype=torch.int32, seeds=[seed])
     steps = 5 * num_rows + 3  # several wraps of the ring
     transitions = fill(buffer, env, steps, warmup=2)
-    batch = buffer.sample(4000)
+    batch = first(buffer.sample(4000))
     sampled = check_batch_against(batch, transitions)
     # Coverage: every real transition whose frames are all still stored (age >= 3) and whose next frame
     # is stored (not the newest) is sampled; older ones (overwritten) never are.
@@ -109,16 +125,16 @@ def test_first_add_mid_episode_rebuilds_its_full_stack():
     env = FrameIdEnv(2, end_prob=0.0, seed=0)
     buffer = FrameStackReplayBuffer(20, (4, 2, 2), 2, obs_dtype=torch.int32)
     transitions = fill(buffer, env, steps=3, warmup=5)
-    first = min(transitions, key=lambda key: transitions[key]["index"])
-    assert 0 not in first  # four real frames
-    assert first in check_batch_against(buffer.sample(200), transitions)
+    first_key = min(transitions, key=lambda key: transitions[key]["index"])
+    assert 0 not in first_key  # four real frames
+    assert first_key in check_batch_against(first(buffer.sample(200)), transitions)
 
 
 def test_reset_rows_and_the_newest_row_are_never_sampled():
     env = FrameIdEnv(2, end_prob=0.5, seed=4)
     buffer = FrameStackReplayBuffer(200, (4, 2, 2), 2, obs_dtype=torch.int32)
     transitions = fill(buffer, env, steps=40)
-    sampled = check_batch_against(buffer.sample(5000), transitions)  # reset rows have no entry: never sampled
+    sampled = check_batch_against(first(buffer.sample(5000)), transitions)  # reset rows have no entry: never sampled
     newest = {key for key, t in transitions.items() if t["index"] == 39}
     assert newest and not (newest & sampled)
     assert sampled == {key for key, t in transitions.items() if t["index"] < 39}
@@ -126,12 +142,14 @@ def test_reset_rows_and_the_newest_row_are_never_sampled():
 
 def test_sampling_is_uniform_over_sampleable_slots():
     env = FrameIdEnv(4, end_prob=0.2, seed=5)
-    buffer = FrameStackReplayBuffer(4 * 40, (4, 2, 2), 4, obs_dtype=torch.int32, seed=0)
+    buffer = FrameStackReplayBuffer(4 * 40, (4, 2, 2), 4, obs_dtype=torch.int32, seeds=[0])
     fill(buffer, env, steps=100)
     n_slots = buffer.num_sampleable()
     draws = 400 * n_slots
     counts = {}
-    for obs in buffer.sample_obs(draws):
+    probe = buffer.sample_obs(draws)
+    assert probe.shape == (1, draws, 4, 2, 2)
+    for obs in probe[0]:
         counts[ids(obs)] = counts.get(ids(obs), 0) + 1
     assert len(counts) == n_slots
     expected, sigma = 400, 400 ** 0.5
@@ -145,7 +163,7 @@ def test_frame_stack_on_a_real_atari_run_returns_the_env_observations():
     env = AtariEnv("ALE/Breakout-v5", num_envs=2, seed=0, max_episode_frames=160, sticky_actions=0.0,
                    episodic_life=True)
     num_rows = 48
-    buffer = FrameStackReplayBuffer(num_rows * 2, (4, 84, 84), 2, seed=0)
+    buffer = FrameStackReplayBuffer(num_rows * 2, (4, 84, 84), 2, seeds=[0])
     obs, _ = env.reset()
     generator = torch.Generator().manual_seed(0)
     recorded = {}
@@ -154,14 +172,14 @@ def test_frame_stack_on_a_real_atari_run_returns_the_env_observations():
         actions = torch.randint(0, env.num_actions, (2,), generator=generator)
         next_obs, reward, terminated, truncated, info = env.step(actions)
         transition_ids = step * 2 + torch.arange(2)  # stored in place of the action, to look transitions up
-        buffer.add(obs, transition_ids, info["learn_reward"], next_obs, terminated, truncated,
-                   valid=~info["reset_step"])
+        buffer.add(obs[None], transition_ids[None], info["learn_reward"][None], next_obs[None], terminated[None],
+                   truncated[None], valid=~info["reset_step"][None])
         for e in range(2):
             if not info["reset_step"][e]:
                 recorded[step * 2 + e] = (obs[e].clone(), next_obs[e].clone(), terminated[e].item(),
                                           truncated[e].item())
         obs = next_obs
-    batch = buffer.sample(600)
+    batch = first(buffer.sample(600))
     kinds = set()
     for i, transition_id in enumerate(batch.actions.tolist()):
         real_obs, real_next, real_terminated, real_truncated = recorded[transition_id]
@@ -183,6 +201,20 @@ def test_bytes_per_transition_fits_a_million_in_7_5_gb():
     assert generic.bytes_per_transition > 2 * 4 * 84 * 84  # obs and next_obs: what the frame layout avoids
 
 
+@pytest.mark.parametrize("shape, capacity, envs, dtype", [((4, 84, 84), 1000, 8, torch.uint8),
+                                                          ((1, 28, 28), 1000, 1, torch.uint8),
+                                                          ((4, 2, 2), 90, 3, torch.int32),
+                                                          ((5,), 31, 3, torch.float32)])
+def test_planned_nbytes_is_the_allocated_size(shape, capacity, envs, dtype):
+    for members in (1, 3):
+        buffer = make_replay_buffer(shape, capacity, envs, seeds=list(range(members)), obs_dtype=dtype)
+        assert planned_replay_nbytes(shape, capacity, envs, members, obs_dtype=dtype) == buffer.nbytes
+        assert type(buffer).planned_nbytes(shape, capacity, envs, members, dtype) == buffer.nbytes
+        assert buffer.bytes_per_transition == buffer.nbytes / (members * buffer.capacity)
+    with pytest.raises(ValueError, match="too small"):
+        planned_replay_nbytes((4, 84, 84), 10, 2)
+
+
 # ---------------------------------------------------------------- generic
 def test_generic_buffer_masks_invalid_rows_and_overwrites_the_oldest():
     envs, num_rows = 3, 10
@@ -194,11 +226,11 @@ def test_generic_buffer_masks_invalid_rows_and_overwrites_the_oldest():
         next_obs = torch.randn(envs, 5, generator=generator)
         valid = torch.rand(envs, generator=generator) < 0.7
         actions = torch.arange(envs) + 10 * index
-        buffer.add(obs, actions, actions.float(), next_obs, actions % 2 == 0, torch.zeros(envs, dtype=torch.bool),
-                   valid=valid)
+        buffer.add(obs[None], actions[None], actions.float()[None], next_obs[None], (actions % 2 == 0)[None],
+                   torch.zeros(1, envs, dtype=torch.bool), valid=valid[None])
         for e in range(envs):
             stored[actions[e].item()] = (obs[e], next_obs[e], bool(valid[e]), index)
-    batch = buffer.sample(3000)
+    batch = first(buffer.sample(3000))
     sampled = set(batch.actions.tolist())
     for i, action in enumerate(batch.actions.tolist()):
         obs, next_obs, valid, index = stored[action]
@@ -210,12 +242,12 @@ def test_generic_buffer_masks_invalid_rows_and_overwrites_the_oldest():
 
 
 def test_generic_sampling_is_uniform():
-    buffer = ReplayBuffer(60, (1,), 6, obs_dtype=torch.float32, seed=3)
+    buffer = ReplayBuffer(60, (1,), 6, obs_dtype=torch.float32, seeds=[3])
     for row in range(10):
         actions = torch.arange(6) + 6 * row
-        buffer.add(torch.zeros(6, 1), actions, torch.zeros(6), torch.zeros(6, 1), torch.zeros(6, dtype=torch.bool),
-                   torch.zeros(6, dtype=torch.bool))
-    counts = torch.bincount(buffer.sample(60_000).actions, minlength=60)
+        flags = torch.zeros(1, 6, dtype=torch.bool)
+        buffer.add(torch.zeros(1, 6, 1), actions[None], torch.zeros(1, 6), torch.zeros(1, 6, 1), flags, flags)
+    counts = torch.bincount(first(buffer.sample(60_000)).actions, minlength=60)
     assert (counts - 1000).abs().max() < 5 * 1000 ** 0.5
 
 
@@ -224,8 +256,8 @@ def test_generic_sampling_is_uniform():
 def test_state_dict_round_trip_through_torch_load_weights_only(kind, tmp_path):
     def make():
         if kind == "frames":
-            return FrameStackReplayBuffer(60, (4, 2, 2), 3, obs_dtype=torch.int32, seed=7)
-        return ReplayBuffer(60, (4, 2, 2), 3, obs_dtype=torch.int32, seed=7)
+            return FrameStackReplayBuffer(60, (4, 2, 2), 3, obs_dtype=torch.int32, seeds=[7])
+        return ReplayBuffer(60, (4, 2, 2), 3, obs_dtype=torch.int32, seeds=[7])
 
     env = FrameIdEnv(3, end_prob=0.3, seed=0)
     original = make()
@@ -238,21 +270,23 @@ def test_state_dict_round_trip_through_torch_load_weights_only(kind, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     # Both continue identically: same cursor, same episode bookkeeping.
     for buffer in (original, restored):
-        obs = torch.full((3, 4, 2, 2), 999, dtype=torch.int32)
-        buffer.add(obs, torch.zeros(3, dtype=torch.long), torch.zeros(3), obs, torch.zeros(3, dtype=torch.bool),
-                   torch.zeros(3, dtype=torch.bool))
+        obs = torch.full((1, 3, 4, 2, 2), 999, dtype=torch.int32)
+        flags = torch.zeros(1, 3, dtype=torch.bool)
+        buffer.add(obs, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3), obs, flags, flags)
     assert original.num_sampleable() == restored.num_sampleable()
     assert all(torch.equal(x, y) for x, y in zip(original.sample(16), restored.sample(16)))
+    kind_other = FrameStackReplayBuffer if kind == "frames" else ReplayBuffer
     with pytest.raises(ValueError, match="capacity"):
-        kind_other = FrameStackReplayBuffer if kind == "frames" else ReplayBuffer
-        kind_other(90, (4, 2, 2), 3, obs_dtype=torch.int32).load_state_dict(original.state_dict())
+        kind_other(90, (4, 2, 2), 3, obs_dtype=torch.int32, seeds=[7]).load_state_dict(original.state_dict())
+    with pytest.raises(ValueError, match="seeds"):  # another run's random stream
+        kind_other(60, (4, 2, 2), 3, obs_dtype=torch.int32, seeds=[8]).load_state_dict(original.state_dict())
 
 
 # ------------------------------------------------------------ construction
 def test_make_replay_buffer_picks_the_layout_from_the_obs_shape():
-    assert isinstance(make_replay_buffer((4, 84, 84), 1000, 2, "cpu", seed=0), FrameStackReplayBuffer)
+    assert isinstance(make_replay_buffer((4, 84, 84), 1000, 2, "cpu", seeds=[0]), FrameStackReplayBuffer)
     for shape in [(1, 28, 28), (3, 32, 32), (784,)]:
-        buffer = make_replay_buffer(shape, 1000, 2, "cpu", seed=0)
+        buffer = make_replay_buffer(shape, 1000, 2, "cpu", seeds=[0])
         assert type(buffer) is ReplayBuffer and buffer.obs_shape == shape
 
 
@@ -262,14 +296,18 @@ def test_bad_inputs_are_clear_errors():
     buffer = FrameStackReplayBuffer(100, (4, 2, 2), 2)
     with pytest.raises(ValueError, match="no sampleable"):
         buffer.sample(4)
-    stack = torch.zeros(2, 4, 2, 2, dtype=torch.uint8)
-    flags = torch.zeros(2, dtype=torch.bool)
+    stack = torch.zeros(1, 2, 4, 2, 2, dtype=torch.uint8)
+    flags = torch.zeros(1, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="dtype"):
-        buffer.add(stack.float(), torch.zeros(2), torch.zeros(2), stack.float(), flags, flags)
-    with pytest.raises(ValueError, match="shape"):
-        buffer.add(stack[:1], torch.zeros(1), torch.zeros(1), stack[:1], flags[:1], flags[:1])
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        buffer.add(stack, torch.zeros(3), torch.zeros(2), stack, flags, flags)
+        buffer.add(stack.float(), torch.zeros(1, 2), torch.zeros(1, 2), stack.float(), flags, flags)
+    with pytest.raises(ValueError, match="members, num_envs"):
+        buffer.add(stack[:, :1], torch.zeros(1, 1), torch.zeros(1, 1), stack[:, :1], flags[:, :1], flags[:, :1])
+    with pytest.raises(ValueError, match="members, num_envs"):  # a single run's tensors without the member dim
+        buffer.add(stack[0], torch.zeros(2), torch.zeros(2), stack[0], flags[0], flags[0])
+    with pytest.raises(ValueError, match=r"shape \(1, 2\)"):
+        buffer.add(stack, torch.zeros(1, 3), torch.zeros(1, 2), stack, flags, flags)
+    with pytest.raises(ValueError, match="seeds"):
+        ReplayBuffer(100, (4,), 2, seeds=5)
 
 
 @pytest.mark.gpu
@@ -279,7 +317,7 @@ def test_frame_stack_on_cuda_matches_the_cpu_semantics():
     transitions = fill(buffer, env, steps=50)
     batch = buffer.sample(2000)
     assert batch.obs.is_cuda
-    check_batch_against(Batch(*(t.cpu() for t in batch)), transitions)
+    check_batch_against(first(batch.to("cpu")), transitions)
 
 
 def test_a_resumed_frame_stack_buffer_starts_new_episodes_after_the_env_reset():
@@ -292,13 +330,14 @@ def test_a_resumed_frame_stack_buffer_starts_new_episodes_after_the_env_reset():
     obs = env.reset()  # the resumed run's fresh episodes
     for _ in range(3):
         next_obs, terminated, truncated, reset_step = env.step()
-        restored.add(obs, torch.zeros(2), torch.zeros(2), next_obs, terminated, truncated, valid=~reset_step)
+        restored.add(obs[None], torch.zeros(1, 2), torch.zeros(1, 2), next_obs[None], terminated[None],
+                     truncated[None], valid=~reset_step[None])
         for e in range(2):
             transitions[ids(obs[e])] = dict(index=99, action=0, reward=0.0, next_obs=ids(next_obs[e]),
                                             terminated=False, truncated=False)
         obs = next_obs
     # The pre-resume newest transition never takes the new episode's first frame as its next obs,
     # and the new stacks start with zeros instead of reaching into the old episode.
-    sampled = check_batch_against(restored.sample(3000), transitions)
+    sampled = check_batch_against(first(restored.sample(3000)), transitions)
     assert sum(1 for key in sampled if transitions[key]["index"] == 99) == 4
     assert not any(transitions[key]["index"] == 9 for key in sampled)

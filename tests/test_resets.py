@@ -7,15 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from plasticity.networks import layer_map, mlp, reinit_
+from plasticity.networks import layer_map, reinit_
 from plasticity.resets import ReDo, dormant_scores, reset_head_, shrink_and_perturb_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(layer_norm=False, seed=0, widths=(16, 12)):
+    """An ordinary PyTorch MLP (a population of one) laid out as ``networks.mlp`` (hidden layers 1, 4, ...)."""
     torch.manual_seed(seed)
-    return nn.Sequential(*mlp((5,), widths, layer_norm=layer_norm), nn.Linear(widths[-1], 3))
+    modules, width = [nn.Flatten()], 5
+    for size in widths:
+        modules += [nn.Linear(width, size), nn.LayerNorm(size) if layer_norm else nn.Identity(), nn.ReLU()]
+        width = size
+    return nn.Sequential(*modules, nn.Linear(width, 3))
 
 
 def _cnn(seed=0):
@@ -67,7 +72,7 @@ def test_snp_interpolates_toward_a_fresh_initialiser_draw():
     generator = torch.Generator().manual_seed(7)
     for module in fresh_model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            reinit_(module, generator=generator)
+            reinit_(module, random=generator)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -128,13 +133,19 @@ def test_snp_keeps_parameters_in_the_optimiser_and_clears_state_when_asked():
 
 
 def test_dormant_scores_follow_the_definition():
+    """Member-first activations [M, B, units...]; each member normalised by its own layer mean."""
     h = torch.tensor([[0.0, 1.0, 2.0, 5.0], [0.0, 3.0, 0.0, 3.0]])  # E|h| = 0, 2, 1, 4; layer mean 1.75
-    torch.testing.assert_close(dormant_scores(h), torch.tensor([0.0, 2.0, 1.0, 4.0]) / 1.75)
-    conv = torch.zeros(2, 3, 2, 2)
-    conv[:, 1] = 1.0
-    conv[0, 2, 0, 0] = 4.0  # channel 2: mean over batch and H, W = 0.5
-    torch.testing.assert_close(dormant_scores(conv), torch.tensor([0.0, 1.0, 0.5]) / 0.5)
-    torch.testing.assert_close(dormant_scores(torch.zeros(4, 3)), torch.zeros(3))  # all dead: all dormant
+    torch.testing.assert_close(dormant_scores(h[None]), torch.tensor([[0.0, 2.0, 1.0, 4.0]]) / 1.75)
+    conv = torch.zeros(1, 2, 3, 2, 2)
+    conv[0, :, 1] = 1.0
+    conv[0, 0, 2, 0, 0] = 4.0  # channel 2: mean over batch and H, W = 0.5
+    torch.testing.assert_close(dormant_scores(conv), torch.tensor([[0.0, 1.0, 0.5]]) / 0.5)
+    torch.testing.assert_close(dormant_scores(torch.zeros(1, 4, 3)), torch.zeros(1, 3))  # all dead: all dormant
+    # Two members: member 1 = 10 x member 0 (same scores), member 2 all dead (all 0), no mixing.
+    members = torch.stack([h, 10 * h, torch.zeros_like(h)])
+    expected = torch.tensor([[0.0, 2.0, 1.0, 4.0], [0.0, 2.0, 1.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    expected[:2] /= 1.75
+    torch.testing.assert_close(dormant_scores(members), expected)
 
 
 def _model_with_dormant_units():
@@ -153,7 +164,7 @@ def test_redo_finds_tau_dormant_units(tau, expected):
     model = _model_with_dormant_units()
     redo = ReDo(model, None, tau)
     masks = redo.dormant_masks(torch.randn(256, 5, generator=torch.Generator().manual_seed(0)))
-    assert masks["1"].nonzero().squeeze(1).tolist() == expected
+    assert masks["1"].shape == (1, 16) and masks["1"][0].nonzero().squeeze(1).tolist() == expected
 
 
 def test_redo_reset_reinitialises_dormant_units_and_zeroes_their_moments():
@@ -168,14 +179,14 @@ def test_redo_reset_reinitialises_dormant_units_and_zeroes_their_moments():
     redo = ReDo(model, optimizer, 0.1, torch.Generator().manual_seed(0))
     probe = torch.randn(256, 5, generator=torch.Generator().manual_seed(1))
     masks = redo.dormant_masks(probe)
-    assert masks["1"].nonzero().squeeze(1).tolist() == [0, 3, 5]
+    assert masks["1"][0].nonzero().squeeze(1).tolist() == [0, 3, 5]
     count = redo.reset(probe)
     assert model.training  # probe ran in eval mode, train mode restored
     dormant = torch.tensor([0, 3, 5])
     first, second = model[1], model[4]
-    assert count.shape == () and count.item() == sum(int(m.sum()) for m in masks.values())
+    assert count.shape == (1,) and count.item() == sum(int(m.sum()) for m in masks.values())
     # Rows of `second` that are dormant units themselves got fresh incoming weights after the columns were zeroed.
-    second_kept = ~masks["4"]
+    second_kept = ~masks["4"][0]
     alive = torch.ones(16, dtype=torch.bool)
     alive[dormant] = False
     assert not torch.equal(first.weight[dormant], before[first.weight][dormant])

@@ -1,4 +1,9 @@
-"""Soft Weight Rescaling against methods.md §4 (properties 4.1-4.4) and methods-v2.md §13 (13.1-13.3)."""
+"""Soft Weight Rescaling against methods.md §4 (properties 4.1-4.4) and methods-v2.md §13 (13.1-13.3).
+
+On ordinary models (nn.Linear/nn.Conv2d/nn.LayerNorm: a population of one, so scales are [1]
+and ``init_norms`` [layers, 1]); member-layer populations are pinned against these in
+tests/test_population_methods_norms.py.
+"""
 
 import math
 
@@ -8,7 +13,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from plasticity.losses import CategoricalSupport
-from plasticity.networks import layer_map, mlp, small_cnn
+from plasticity.networks import layer_map
 from plasticity.swr import SoftWeightRescaling
 
 SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
@@ -17,15 +22,27 @@ SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _norm(shape, layer_norm):
+    return nn.LayerNorm(shape) if layer_norm else nn.Identity()
+
+
+def _plain_mlp(out, layer_norm=False):
+    """networks.mlp((6,), (16, 16)) in ordinary layers: Flatten, [Linear, LN/Identity, ReLU] x 2, then the head."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), _norm(16, layer_norm), nn.ReLU(),
+                         nn.Linear(16, 16), _norm(16, layer_norm), nn.ReLU(), nn.Linear(16, out))
+
+
 def _mlp(layer_norm=False, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(*mlp((6,), (16, 16), layer_norm=layer_norm), nn.Linear(16, 3))
+    return _plain_mlp(3, layer_norm)
 
 
 def _cnn(layer_norm=False, seed=0):
+    """networks.small_cnn((2, 12, 12), channels=(4, 8), hidden_size=16) in ordinary layers, and a head."""
     torch.manual_seed(seed)
-    torso = small_cnn((2, 12, 12), layer_norm=layer_norm, channels=(4, 8), hidden_size=16)
-    return nn.Sequential(torso, nn.Linear(16, 5))
+    return nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), _norm([4, 6, 6], layer_norm), nn.ReLU(),
+                         nn.Conv2d(4, 8, 3, stride=2, padding=1), _norm([8, 3, 3], layer_norm), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(72, 16), _norm(16, layer_norm), nn.ReLU(), nn.Linear(16, 5))
 
 
 def _perturb_(model, seed=1):
@@ -70,8 +87,8 @@ def test_step_matches_definition(build, layer_norm, coef, head_coef):
     returned = swr.step()
     for param, value in expected.items():
         torch.testing.assert_close(param.detach().double(), value, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(returned.double(), scale, rtol=1e-5, atol=0)
-    assert returned is swr.last_scale and returned.shape == ()
+    torch.testing.assert_close(returned.double(), scale.reshape(1), rtol=1e-5, atol=0)
+    assert returned is swr.last_scale and returned.shape == (1,)  # one scale per member
 
 
 @pytest.mark.parametrize("build", [_mlp, _cnn])
@@ -82,11 +99,11 @@ def test_property_4_1_outputs_scale_by_product_of_factors(build):
     _perturb_(model)
     x = torch.randn(32, *((6,) if build is _mlp else (2, 12, 12)))
     norms = torch.stack([m.weight.detach().norm() for _, m in layer_map(model).ordered])
-    factors = (0.3 * swr.init_norms + 0.7 * norms) / norms
+    factors = (0.3 * swr.init_norms[:, 0] + 0.7 * norms) / norms
     before = model(x).detach()
     scale = swr.step()
     after = model(x).detach()
-    torch.testing.assert_close(scale, factors.prod(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale, factors.prod().reshape(1), rtol=1e-6, atol=0)
     assert abs(scale.item() - 1) > 0.05  # the test is not vacuous
     torch.testing.assert_close(after, scale * before, rtol=1e-5, atol=1e-6)
     assert torch.equal(after.argmax(1), before.argmax(1))
@@ -102,10 +119,10 @@ def test_property_4_1_with_layer_norm_outputs_scale_from_the_final_norm_layer(bu
     final_norm = max(i for i, m in enumerate(ordered) if isinstance(m, nn.LayerNorm))
     norms = torch.stack([m.weight.detach().norm() for m in ordered])
     coefs = torch.tensor([0.3] * final_norm + [0.2] * (len(ordered) - final_norm))  # §13: λ_h from the final LN on
-    factors = (coefs * swr.init_norms + (1 - coefs) * norms) / norms
+    factors = (coefs * swr.init_norms[:, 0] + (1 - coefs) * norms) / norms
     before = model(x).detach()
     scale = swr.step()
-    torch.testing.assert_close(scale, factors[final_norm:].prod(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale, factors[final_norm:].prod().reshape(1), rtol=1e-6, atol=0)
     assert abs(factors[:final_norm].prod().item() - 1) > 0.05  # layers before k are rescaled but do not count
     torch.testing.assert_close(model(x).detach(), scale * before, rtol=1e-4, atol=1e-5)  # LN eps: not exact
 
@@ -148,7 +165,8 @@ def test_property_4_3_norm_ratios_move_toward_their_initial_values():
     model = _mlp(layer_norm=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     swr = SoftWeightRescaling(model, 0.05)
-    r0 = swr.init_norms[:, None] / swr.init_norms[None, :]
+    init_norms = swr.init_norms[:, 0]  # [layers, members=1]
+    r0 = init_norms[:, None] / init_norms[None, :]
     weights = swr.weights
     x, y = torch.randn(64, 6), 5 * torch.randn(64, 3)
     for _ in range(30):
@@ -164,14 +182,14 @@ def test_property_4_3_norm_ratios_move_toward_their_initial_values():
     assert gap_before.max() > 0.1  # training did move the ratios
 
 
-def test_property_4_4_one_fused_norm_and_no_host_sync():
+def test_property_4_4_one_norm_per_tensor_one_fused_scale_and_no_host_sync():
     model = _cnn(layer_norm=True)
     swr = SoftWeightRescaling(model, 0.1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         swr.step()
     counts = {e.key: e.count for e in prof.key_averages()}
     assert not SYNC_OPS & counts.keys(), f"host-device sync in SWR: {SYNC_OPS & counts.keys()}"
-    assert counts["aten::_foreach_norm"] == 1
+    assert counts["aten::linalg_vector_norm"] == len(swr.weights)  # one per weight, all members at once
     assert counts["aten::_foreach_mul_"] == 1  # weights and biases in one call
 
 
@@ -194,8 +212,8 @@ def test_state_dict_roundtrip_and_mismatch(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "swr.pt", weights_only=True))
     assert torch.equal(restored.init_norms, swr.init_norms)
     norms = torch.stack([w.detach().norm() for w in restored.weights])
-    expected = ((0.1 * swr.init_norms + 0.9 * norms) / norms).prod()  # toward the checkpoint's ‖W^0‖
-    torch.testing.assert_close(restored.step(), expected, rtol=1e-6, atol=0)
+    expected = ((0.1 * swr.init_norms[:, 0] + 0.9 * norms) / norms).prod()  # toward the checkpoint's ‖W^0‖
+    torch.testing.assert_close(restored.step(), expected.reshape(1), rtol=1e-6, atol=0)
     assert abs(expected.item() - 1) > 1e-2
     with pytest.raises(ValueError, match="layer norms"):
         SoftWeightRescaling(_cnn(), 0.1).load_state_dict(swr.state_dict())
@@ -244,7 +262,7 @@ N_ATOMS = 7
 def _logit_model(layer_norm, seed=0):
     """An MLP torso and a linear head producing logits over N_ATOMS bins for 3 actions."""
     torch.manual_seed(seed)
-    return nn.Sequential(*mlp((6,), (16, 16), layer_norm=layer_norm), nn.Linear(16, 3 * N_ATOMS))
+    return _plain_mlp(3 * N_ATOMS, layer_norm)
 
 
 def _grow_(model, factor=3.0):
@@ -314,7 +332,7 @@ def test_property_13_2_explicit_head_coef_scales_the_logits_by_the_product_from_
     before = model(x).detach().double()
     scale = swr.step()
     after = model(x).detach().double()
-    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale.double(), expected_scale.reshape(1), rtol=1e-6, atol=0)
     assert abs(expected_scale.item() - 1) > 0.05  # not vacuous
     tolerance = dict(rtol=1e-4, atol=1e-5) if layer_norm else dict(rtol=1e-5, atol=1e-6)  # LN's ε: not exact
     torch.testing.assert_close(after, expected_scale * before, **tolerance)

@@ -48,10 +48,10 @@ def interrupted_run(run_dir: Path, tmp_path: Path, second: int, last_step: int =
 
 
 def resume_and_log(run_dir: Path, checkpoint_step: int, steps) -> None:
-    tracker = Tracker(run_dir, {}, total_timesteps=1000, log_every=50, device=torch.device("cpu"),
+    tracker = Tracker([run_dir], [{}], total_timesteps=1000, log_every=50, device=torch.device("cpu"),
                       start_step=checkpoint_step)
     for step in steps:
-        tracker.writer.add_scalar("charts/x", -float(step), step)
+        tracker.writers[0].add_scalar("charts/x", -float(step), step)
     tracker.close()
 
 
@@ -90,7 +90,7 @@ def test_an_event_file_dated_far_in_the_future_warns_instead_of_waiting(tmp_path
 
 def test_plain_progress_prints_the_last_step_once(tmp_path, capsys):
     """Off a terminal the last step gets one line, though the run flushes it twice (window, finish)."""
-    tracker = Tracker(tmp_path / "run", {}, total_timesteps=100, log_every=50, device=torch.device("cpu"))
+    tracker = Tracker([tmp_path / "run"], [{}], total_timesteps=100, log_every=50, device=torch.device("cpu"))
     tracker._tty = False
     for step in (50, 100, 100):
         tracker.flush(step)
@@ -156,8 +156,8 @@ def test_a_run_writes_a_dashboard_whose_every_chart_has_data(tmp_path, mnist_dir
 
 def test_a_resumed_tracker_does_not_write_the_layout_again(tmp_path):
     run_dir = tmp_path / "run"
-    Tracker(run_dir, {}, total_timesteps=100, log_every=50, device=torch.device("cpu")).close()
-    Tracker(run_dir, {}, total_timesteps=100, log_every=50, device=torch.device("cpu"), start_step=50).close()
+    Tracker([run_dir], [{}], total_timesteps=100, log_every=50, device=torch.device("cpu")).close()
+    Tracker([run_dir], [{}], total_timesteps=100, log_every=50, device=torch.device("cpu"), start_step=50).close()
     assert len(custom_scalars_layouts(run_dir)) == 1
 
 

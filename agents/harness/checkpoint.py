@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agents.harness.run_folder import checkpoint_path, model_path
+from plasticity.population import member_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,11 +70,15 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
                          "delete it and start the run again") from None
 
 
-def save_model(run_dir: str | os.PathLike, model: torch.nn.Module) -> Path:
-    """Atomically write ``model``'s state dict, as CPU tensors, to ``<run_dir>/model.pt`` (``--save-model``)."""
+def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, member: int = 0) -> Path:
+    """Atomically write member ``member``'s state dict, as CPU tensors, to ``<run_dir>/model.pt`` (``--save-model``).
+
+    A population member's file is the one-member network its single run would save.
+    """
     path = model_path(run_dir)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, tmp)
+    own = member_parameters(model, member)
+    torch.save({name: own[name].detach().cpu().clone() for name in model.state_dict()}, tmp)
     os.replace(tmp, path)
     return path
 

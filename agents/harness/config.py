@@ -50,6 +50,8 @@ class CommonArgs(InterventionFlags):
     """a name for the experiment (sweeps use it for the variant); defaults to the agent name"""
     seed: int = ranged(1, SEED)
     """seed of the experiment (python, numpy, torch and the environment)"""
+    num_seeds: int = ranged(1, POSITIVE_COUNT)
+    """train a population: seeds --seed ... --seed+N-1 together in one process, vectorised; member k is exactly the run --seed s+k would make and writes its own run folder"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` (as CleanRL; CPU runs are deterministic regardless)"""
     cuda: bool = torch.cuda.is_available()
@@ -59,7 +61,7 @@ class CommonArgs(InterventionFlags):
     runs_dir: str = "runs"
     """folder that holds one sub-folder per run (TensorBoard files, config.json, checkpoint.pt)"""
     run_name: str = ""
-    """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>)"""
+    """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>); a population's members get <run-name>-seed<seed>"""
     checkpoint_every: int = ranged(100_000, COUNT)
     """save a checkpoint every this many env steps (0: only at the end and on interruption)"""
     checkpoint_buffer: Literal["auto", "always", "never"] = "auto"
@@ -370,6 +372,9 @@ def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     check_paths(args)
+    check(args.seed + args.num_seeds - 1 <= SEED.high,
+          f"--seed {args.seed} --num-seeds {args.num_seeds}: the last member's seed {args.seed + args.num_seeds - 1} "
+          f"exceeds {SEED.high}; give a smaller --seed")
     check(not args.track or wandb_tracking.available(), wandb_tracking.MISSING)
     check_evaluation(args)
     check(not args.cuda or torch.cuda.is_available(),

@@ -37,6 +37,7 @@ from agents.harness import video
 from agents.harness.experiment import epsilon_greedy, stream_seed
 from envs.atari_scores import human_normalized
 from envs.factory import env_family, make_env
+from plasticity.streams import MemberRandom
 
 MAX_ENVS = 16
 #: Image-MDP videos show the first this many decisions of the first episode.
@@ -78,12 +79,17 @@ class EvalResult:
 
 
 class Evaluator:
-    """Plays evaluation episodes for one run's settings (``args``: the run's final flags)."""
+    """Plays evaluation episodes for one population's settings (``args``: the run's final flags).
+
+    ``seeds``: the members' seeds (default ``--seed`` ... ``--seed + --num-seeds - 1``); every
+    member plays its own episodes on its own envs, all members in one batched ``q_values`` call.
+    """
 
     def __init__(self, args, device: torch.device, episodes: int | None = None, epsilon: float | None = None,
-                 screens: bool | None = None):
+                 screens: bool | None = None, seeds: list[int] | None = None):
         self.args, self.device = args, torch.device(device)
         self.family = env_family(args.env_id)
+        self.seeds = list(seeds) if seeds is not None else [args.seed + k for k in range(args.num_seeds)]
         self.episodes = int(args.eval_episodes if episodes is None else episodes)
         self.epsilon = float(args.eval_epsilon if epsilon is None else epsilon)
         self.num_envs = min(self.episodes, MAX_ENVS)
@@ -96,19 +102,21 @@ class Evaluator:
             eval_args.num_envs = self.num_envs
             # Any valid switch period: the evaluation env is frozen at one task (freeze) before it plays.
             eval_args.switch_every = args.switch_every * self.num_envs
-            self.env = make_env(eval_args, self.device, screens=bool(args.capture_video if screens is None
-                                                                     else screens))
+            self.env = make_env(eval_args, self.device, seeds=self.seeds,
+                                screens=bool(args.capture_video if screens is None else screens))
 
     def evaluate(self, q_values: Callable[[torch.Tensor], torch.Tensor], global_step: int, follow=None,
-                 video_path: Path | None = None, seed: int | None = None) -> EvalResult:
-        """Play the episodes with ``q_values(obs) -> [E, actions]``, seeded from (``seed``, ``global_step``).
+                 video_paths: list[Path] | None = None, seed: int | None = None) -> list[EvalResult]:
+        """Play the episodes with ``q_values(obs [M, E, ...]) -> [M, E, actions]``; one result per member.
 
-        ``follow``: the env whose current task is played -- the training env (``AgentEnv.env``); the
-        image MDP needs it, a nonstationary Atari run reads its task from it (task 0 without it).
-        ``video_path``: record the first episode there (mp4).  ``seed`` (default: the run's) and
-        ``global_step`` alone fix the episodes, so scripts/evaluate.py replays the run's last evaluation.
+        Member k's episodes are seeded from (its seed, ``global_step``) alone, so scripts/evaluate.py
+        replays a run's last evaluation.  ``follow``: the env whose current task is played -- the
+        training env (``AgentEnv.env``); the image MDP needs it, a nonstationary Atari run reads its
+        task from it (task 0 without it).  ``video_paths``: record each member's first episode there
+        (mp4).  ``seed`` replaces the first member's seed (the others follow: seed + k).
         """
-        seed = stream_seed(self.args.seed if seed is None else seed, f"eval@{int(global_step)}")
+        seeds = self.seeds if seed is None else [seed + k for k in range(len(self.seeds))]
+        member_seeds = [stream_seed(s, f"eval@{int(global_step)}") for s in seeds]
         if self.family == "image_mdp":
             if follow is None:
                 raise ValueError("an image-MDP evaluation plays the task of an env: pass follow=<the env>")
@@ -117,56 +125,60 @@ class Evaluator:
             env = self.env
             if hasattr(env, "freeze"):
                 env.freeze(getattr(follow, "task_id", 0))
-        obs, info = env.reset(seed=stream_seed(seed, "env"))
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(stream_seed(seed, "actions"))
-        recorder = _Recorder(video_path, self.family) if video_path is not None else None
+        obs, info = env.reset(seeds=[stream_seed(s, "env") for s in member_seeds])
+        random = MemberRandom([stream_seed(s, "actions") for s in member_seeds], self.device)
+        recorders = ([_Recorder(path, self.family, k) for k, path in enumerate(video_paths)]
+                     if video_paths is not None else [])
         try:
-            result = self._play(env, obs, info.get("label"), q_values, generator, recorder)
+            results = self._play(env, obs, info.get("label"), q_values, random, recorders)
         finally:
-            result_video = recorder.close() if recorder is not None else None
-        result.video = result_video
-        return result
+            videos = [recorder.close() for recorder in recorders]
+        for k, video_file in enumerate(videos):
+            results[k].video = video_file
+        return results
 
-    def _play(self, env, obs, labels, q_values, generator, recorder) -> EvalResult:
+    def _play(self, env, obs, labels, q_values, random, recorders) -> list[EvalResult]:
         image_mdp = self.family == "image_mdp"
-        num_envs, quotas = self.num_envs, self.quotas
-        done = np.zeros(num_envs, dtype=np.int64)
-        running_return = np.zeros(num_envs, dtype=np.float64)
-        running_length = np.zeros(num_envs, dtype=np.int64)
-        returns, lengths, envs = [], [], []
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        answers = 0
+        members, num_envs, quotas = len(self.seeds), self.num_envs, self.quotas[None, :]
+        done = np.zeros((members, num_envs), dtype=np.int64)
+        running_return = np.zeros((members, num_envs), dtype=np.float64)
+        running_length = np.zeros((members, num_envs), dtype=np.int64)
+        episodes: list[list[tuple[float, int, int]]] = [[] for _ in range(members)]
+        correct = torch.zeros(members, dtype=torch.int64, device=self.device)
+        answers = np.zeros(members, dtype=np.int64)
         while (done < quotas).any():
             active = done < quotas
             with torch.no_grad():
                 q = q_values(obs)
-            actions = epsilon_greedy(q, self.epsilon, generator)
+            actions = epsilon_greedy(q, self.epsilon, random)
             if image_mdp:
                 counted = torch.from_numpy(active).to(self.device)
-                correct += ((q.argmax(dim=1) == labels) & counted).sum()
-                answers += int(active.sum())
-            if recorder is not None and done[0] == 0:
-                recorder.add(env, obs, actions, labels)
+                correct += ((q.argmax(dim=2) == labels) & counted).sum(dim=1)
+                answers += active.sum(axis=1)
+            for recorder in recorders:
+                if done[recorder.member, 0] == 0:
+                    recorder.add(env, obs, actions, labels)
             obs, reward, _terminated, truncated, info = env.step(actions)
             if image_mdp:
                 labels = info["label"]
-                ends, real = truncated.cpu().numpy(), np.ones(num_envs, dtype=bool)
+                ends, real = truncated.cpu().numpy(), np.ones((members, num_envs), dtype=bool)
             else:  # whole games; the NEXT_STEP reset step after one belongs to no episode
                 ends, real = info["game_over"].cpu().numpy(), ~info["reset_step"].cpu().numpy()
             counts = real & active
             running_return += np.where(counts, reward.cpu().numpy().astype(np.float64), 0.0)
             running_length += counts
-            for e in np.flatnonzero(ends & counts):
-                returns.append(running_return[e])
-                lengths.append(running_length[e])
-                envs.append(e)
-                running_return[e], running_length[e] = 0.0, 0
-                done[e] += 1
+            for k, e in zip(*np.nonzero(ends & counts)):
+                episodes[k].append((running_return[k, e], running_length[k, e], e))
+                running_return[k, e], running_length[k, e] = 0.0, 0
+                done[k, e] += 1
         game = None if image_mdp else str(getattr(env, "current_game", ""))
-        return EvalResult(np.asarray(returns), np.asarray(lengths), np.asarray(envs),
-                          accuracy=float(correct) / answers if image_mdp else None, game=game,
-                          per_game="games" in (self.args.atari_shift or []))
+        results = []
+        for k in range(members):
+            returns, lengths, envs = (np.asarray(column) for column in zip(*episodes[k]))
+            results.append(EvalResult(returns, lengths, envs,
+                                      accuracy=float(correct[k]) / answers[k] if image_mdp else None, game=game,
+                                      per_game="games" in (self.args.atari_shift or [])))
+        return results
 
     def close(self) -> None:
         if self.env is not None:
@@ -174,19 +186,20 @@ class Evaluator:
 
 
 class _Recorder:
-    """The first episode of env 0, one frame per decision, straight into an mp4."""
+    """The first episode of one member's env 0, one frame per decision, straight into an mp4."""
 
-    def __init__(self, path: Path, family: str):
-        self.family = family
+    def __init__(self, path: Path, family: str, member: int = 0):
+        self.family, self.member = family, member
         self.writer = video.VideoWriter(path, video.IMAGE_MDP_FPS if family == "image_mdp" else video.ATARI_FPS)
 
     def add(self, env, obs: torch.Tensor, actions: torch.Tensor, labels: torch.Tensor | None) -> None:
+        k = self.member
         if self.family == "image_mdp":
             if self.writer.frames < IMAGE_MDP_VIDEO_STEPS:
-                self.writer.add(video.answer_frame(obs[0].cpu().numpy(), int(actions[0]), int(labels[0])))
+                self.writer.add(video.answer_frame(obs[k, 0].cpu().numpy(), int(actions[k, 0]), int(labels[k, 0])))
             return
-        screen = env.screen(0) if hasattr(env, "screen") else None
-        self.writer.add(screen if screen is not None else obs[0, -1].cpu().numpy())
+        screen = env.screen(0, member=k) if hasattr(env, "screen") else None
+        self.writer.add(screen if screen is not None else obs[k, 0, -1].cpu().numpy())
 
     def close(self) -> Path | None:
         return self.writer.close()

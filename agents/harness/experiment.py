@@ -42,21 +42,14 @@ from agents.harness.checkpoint import (
 from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, setting_of, validate
 from agents.harness.tracking import Tracker, args_to_dict
 from envs.factory import AgentEnv, env_family
-from envs.replay_buffer import is_frame_stack, make_replay_buffer
+from envs.replay_buffer import make_replay_buffer, planned_replay_nbytes
 from plasticity.intervention import crossed
-from plasticity.networks import check_torso, default_network, torso_precision
+from plasticity.networks import check_torso, default_network, init_generators, torso_precision
+from plasticity.streams import MemberRandom, stream_seed
+
+__all__ = ["stream_seed"]  # re-exported: the evaluation and the benchmarks seed their streams with it
 
 BUFFER_CHECKPOINT_AUTO_LIMIT = 2 * 1024**3
-
-
-def stream_seed(seed: int, purpose: str) -> int:
-    """A seed for one random stream of a run (actions, replay sampling), independent of the others.
-
-    The env is seeded with ``seed`` itself; generators on the same device seeded alike would
-    draw the same numbers -- e.g. exploratory actions equal to the env's next labels.
-    """
-    key = [int(seed), *purpose.encode()]
-    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] & (2**63 - 1))
 
 
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
@@ -125,13 +118,16 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def epsilon_greedy(q_values: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """Per-env: a uniformly random action with probability epsilon, else the greedy one (tensor ops only)."""
-    num_envs, num_actions = q_values.shape
+def epsilon_greedy(q_values: torch.Tensor, epsilon: float, random: MemberRandom) -> torch.Tensor:
+    """Per member and env: a uniformly random action with probability epsilon, else the greedy one.
+
+    ``q_values [M, E, actions]``; member k's draws come from its own stream of ``random``.
+    """
+    _members, num_envs, num_actions = q_values.shape
     device = q_values.device
-    random_actions = torch.randint(num_actions, (num_envs,), device=device, generator=generator)
-    explore = torch.rand(num_envs, device=device, generator=generator) < epsilon
-    return torch.where(explore, random_actions, q_values.argmax(dim=1))
+    random_actions = random.integers(num_actions, num_envs).to(device)
+    explore = random.uniform(num_envs).to(device) < epsilon
+    return torch.where(explore, random_actions, q_values.argmax(dim=2))
 
 
 def _saved_config(run_dir: Path, agent: str) -> dict:
@@ -152,17 +148,26 @@ def resolve_args(args, agent: str) -> None:
     """Make ``args`` (in place) the flags the run trains with, before anything is built.
 
     ``--resume DIR``: every flag comes from DIR's config.json (the command line's other
-    flags are ignored), the run folder is DIR.  Then the environment family's
-    defaults fill the ``None`` fields and ``--exp-name`` defaults to the agent.
+    flags are ignored), the run folder is DIR.  DIR may be any member's folder of a
+    population: the whole population resumes, from its lead (member 0) folder.  Then the
+    environment family's defaults fill the ``None`` fields and ``--exp-name`` defaults to the agent.
     """
     if args.resume:
-        run_dir = Path(args.resume)
+        asked_seeds = args.num_seeds
+        run_dir = run_folder.population_lead(Path(args.resume))
         config = _saved_config(run_dir, agent)
+        population = config.get("population") or {}
+        saved_seeds = int(population.get("num_seeds", 1))
+        if asked_seeds != 1 and asked_seeds != saved_seeds:
+            raise ConfigError(f"--resume {args.resume}: that run is a population of {saved_seeds} seed(s); resume "
+                              f"it without --num-seeds (or with --num-seeds {saved_seeds})")
         print(f"resuming {run_dir} with its saved {run_folder.CONFIG_FILE} (other flags are ignored)",
               file=sys.stderr)
         for f in dataclasses.fields(args):
             if f.name in config:
                 setattr(args, f.name, config[f.name])
+        args.num_seeds = saved_seeds
+        args.seed = int(population.get("seed", args.seed))
         args.resume, args.runs_dir, args.run_name = str(run_dir), str(run_dir.parent), run_dir.name
         if args.cuda and not torch.cuda.is_available():
             print("note: this run trained on CUDA and no CUDA device is available here; continuing on the CPU",
@@ -177,12 +182,28 @@ def resolve_args(args, agent: str) -> None:
         args.exp_name = agent
 
 
-class Run:
-    """One training run: its folder, device, env, replay buffer, tracker and checkpoints.
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 1024**3:.2f} GiB"
 
-    Built from final args (``resolve_args`` has run): each step below may reject bad
-    input, and the run folder is made only after all of them, so bad input leaves
-    nothing on disk.
+
+def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes (Linux), or None where it cannot tell."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Run:
+    """One population of training runs (``--num-seeds N``; a single run is N = 1).
+
+    Member k has seed ``--seed`` + k and its own run folder (``run_dirs[k]``); the lead
+    (member 0) folder holds the population's checkpoint.  Built from final args
+    (``resolve_args`` has run): each step below may reject bad input, and the run folders
+    are made only after all of them, so bad input leaves nothing on disk.
     """
 
     def __init__(self, args, agent: str, categorical: bool):
@@ -191,23 +212,30 @@ class Run:
         self.is_atari = env_family(args.env_id) == "atari"
         validate(args, is_atari=self.is_atari, categorical=categorical)
         self.setting = setting_of(args, is_atari=self.is_atari, categorical=categorical)  # for the methods
+        self.seeds = [args.seed + k for k in range(args.num_seeds)]
+        self.members = len(self.seeds)
         self.device = self._seed_and_pick_device()
-        self.run_name, self.run_dir = self._name_the_folder()
+        self.run_names, self.run_dirs = self._name_the_folders()
+        self.run_name, self.run_dir = self.run_names[0], self.run_dirs[0]
         self.envs = self._make_env()
         self._check_torso()
+        self._plan_memory()
         self.buffer = self._make_buffer()
         self.evaluator = self._make_evaluator()
         if not self.resumed:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            run_folder.write_config(self.run_dir, self._config())
-        self.action_generator = torch.Generator(device=self.device)
-        self.action_generator.manual_seed(stream_seed(args.seed, "actions"))
+            for k, run_dir in enumerate(self.run_dirs):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                run_folder.write_config(run_dir, self._config(k))
+        #: Each member's exploration stream; the networks' initial weights come from ``init_generators``.
+        self.action_random = MemberRandom([stream_seed(seed, "actions") for seed in self.seeds], self.device)
+        self.init_generators = init_generators(self.seeds)
         self.tracker: Tracker | None = None
         self.stateful: dict = {}
+        self.failed = [False] * self.members
         self._stop_requested = False
         self._previous_handlers: dict = {}
-        self._good_step = -1  # last step at which the loss was known finite
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._good_step = -1  # last step at which every live member's loss was known finite
+        self._nonfinite = torch.zeros(self.members, dtype=torch.bool, device=self.device)
 
     def __enter__(self) -> Run:
         return self
@@ -217,13 +245,13 @@ class Run:
         if error is not None and self.tracker is not None and not isinstance(error, (ConfigError,
                                                                                      NonFiniteLossError)):
             self._restore_signal_handlers()
-            run_folder.write_status(self.run_dir, run_folder.FAILED, -1, self.args.total_timesteps, repr(error))
+            self._write_statuses(run_folder.FAILED, -1, repr(error))
             self.tracker.close(exit_code=1)  # the events written so far stay readable; W&B shows the run failed
         return False
 
     # ---- set-up steps, in order ----
     def _seed_and_pick_device(self) -> torch.device:
-        """Seeding (spec agents.md): python, numpy, torch; the env and buffer get their own generators."""
+        """Seeding (spec agents.md): python, numpy, torch; networks, env, buffer and actions get their own streams."""
         args = self.args
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -236,23 +264,31 @@ class Run:
                   "than float32 here; drop it", file=sys.stderr)
         return device
 
-    def _name_the_folder(self) -> tuple[str, Path]:
+    def _name_the_folders(self) -> tuple[list[str], list[Path]]:
         args = self.args
-        name = args.run_name or run_folder.run_name(args.env_id, self.agent, run_tag(args), args.seed,
-                                                    int(time.time()))
-        run_dir = Path(args.runs_dir) / name
+        if self.resumed:
+            lead = Path(args.resume)
+            config = run_folder.read_config(lead)
+            names = (config.get("population") or {}).get("members") or [lead.name]
+        else:
+            now = int(time.time())
+            names = [run_folder.run_name(args.env_id, self.agent, run_tag(args), seed, now) for seed in self.seeds]
+            if args.run_name:
+                names = [args.run_name] if self.members == 1 else [f"{args.run_name}-seed{s}" for s in self.seeds]
+        run_dirs = [Path(args.runs_dir) / name for name in names]
         if not self.resumed:
-            if run_folder.has_checkpoint(run_dir):
-                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                                  "or choose another --run-name")
-            if run_folder.event_files(run_dir):
-                raise ConfigError(f"{run_dir} holds the event files of a run that stopped before its first "
-                                  "checkpoint; delete that folder or choose another --run-name")
-        return name, run_dir
+            for run_dir in run_dirs:
+                if run_folder.has_checkpoint(run_dir):
+                    raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                      "or choose another --run-name")
+                if run_folder.event_files(run_dir):
+                    raise ConfigError(f"{run_dir} holds the event files of a run that stopped before its first "
+                                      "checkpoint; delete that folder or choose another --run-name")
+        return names, run_dirs
 
     def _make_env(self) -> AgentEnv:
         try:
-            return AgentEnv.make(self.args, self.device)
+            return AgentEnv.make(self.args, self.device, seeds=self.seeds)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
 
@@ -264,11 +300,28 @@ class Run:
         except ValueError as error:
             raise ConfigError(f"{error} ({args.env_id}); choose another --network") from None
 
+    def _plan_memory(self) -> None:
+        """Spec populations.md §4.3: every member's replay buffer is sized before anything is allocated."""
+        args = self.args
+        per_member = planned_replay_nbytes(self.envs.obs_shape, args.buffer_size, args.num_envs)
+        total = per_member * self.members
+        device = self._buffer_device()
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            where, available = f"free memory of {device}", free
+        else:
+            where, available = "available host memory", available_host_memory()
+        if available is not None and total > 0.9 * available:
+            raise ConfigError(
+                f"the replay buffers need {_gib(total)} ({self.members} member(s) x {_gib(per_member)} for "
+                f"--buffer-size {args.buffer_size}) but the {where} is {_gib(available)}; lower --buffer-size or "
+                f"--num-seeds (at most {max(int(0.9 * available // max(per_member, 1)), 0)} members of this size fit)")
+
     def _make_buffer(self):
         try:
             # Batches come back on the training device wherever the buffer lives.
             return make_replay_buffer(self.envs.obs_shape, self.args.buffer_size, self.args.num_envs,
-                                      self._buffer_device(), seed=stream_seed(self.args.seed, "replay"),
+                                      self._buffer_device(), seeds=[stream_seed(s, "replay") for s in self.seeds],
                                       sample_device=self.device)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -280,12 +333,18 @@ class Run:
         from agents.harness.evaluation import Evaluator  # here: evaluation imports this module
 
         try:
-            return Evaluator(self.args, self.device)
+            return Evaluator(self.args, self.device, seeds=self.seeds)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
 
-    def _config(self) -> dict:
-        return {**args_to_dict(self.args), "agent": self.agent, "run_name": self.run_name}
+    def _config(self, member: int) -> dict:
+        """Member ``member``'s config.json: the single run it equals (its own seed), and its population."""
+        config = {**args_to_dict(self.args), "agent": self.agent, "run_name": self.run_names[member],
+                  "seed": self.seeds[member], "num_seeds": 1}
+        if self.members > 1:
+            config["population"] = {"seed": self.seeds[0], "num_seeds": self.members, "member": member,
+                                    "lead": self.run_names[0], "members": list(self.run_names)}
+        return config
 
     def _buffer_device(self) -> torch.device:
         args = self.args
@@ -293,19 +352,21 @@ class Run:
             return torch.device(args.buffer_device)
         if self.device.type != "cuda":
             return self.device
-        obs_shape = self.envs.obs_shape
-        # Frame stacks store each frame once; other observations are stored as obs and next_obs.
-        frames = int(np.prod(obs_shape[1:])) if is_frame_stack(obs_shape) else 2 * int(np.prod(obs_shape))
-        per_transition = frames + 16
+        per_transition = planned_replay_nbytes(self.envs.obs_shape, 1, 1) * self.members
         free, _total = torch.cuda.mem_get_info(self.device)
         # Keep the buffer on the GPU only when it leaves most of the memory for training.
         return self.device if per_transition * args.buffer_size < 0.6 * free else torch.device("cpu")
 
+    def _write_statuses(self, status: str, global_step: int, message: str = "") -> None:
+        """The same status for every live member (a failed member keeps its own)."""
+        for k, run_dir in enumerate(self.run_dirs):
+            if not self.failed[k]:
+                run_folder.write_status(run_dir, status, global_step, self.args.total_timesteps, message)
+
     # ---- start / resume ----
     def begin(self, **stateful) -> tuple[int, torch.Tensor]:
-        """Register the objects a checkpoint holds; return (global_step, current obs), fresh or resumed."""
+        """Register the objects a checkpoint holds; return (global_step, current obs [M, E, ...]), fresh or resumed."""
         self.stateful = stateful
-        args = self.args
         global_step = 0
         if self.resumed:
             try:
@@ -321,28 +382,31 @@ class Run:
                 self.buffer.load_state_dict(state["buffer"])
             else:
                 print("note: the checkpoint holds no replay buffer; it refills from the resumed step", file=sys.stderr)
-            self.action_generator.set_state(state["action_generator"])
+            self.action_random.load_state_dict(state["action_random"])
             set_rng_state(state["rng"])
+            self.failed = list(state.get("failed", self.failed))
             obs = state["obs"].to(self.device) if restarted_obs is None else restarted_obs
             self.tracker = self._make_tracker(global_step)
             self.tracker.load_state_dict(state["tracker"])
+            self._nonfinite = torch.tensor(self.failed, dtype=torch.bool, device=self.device)
             self._good_step = global_step
         else:
-            obs = self.envs.reset(seed=args.seed)
+            obs = self.envs.reset(seeds=self.seeds)
             self.tracker = self._make_tracker(0)
-        run_folder.write_status(self.run_dir, run_folder.RUNNING, global_step, args.total_timesteps)
+        self._write_statuses(run_folder.RUNNING, global_step)
         self._install_signal_handlers()
         return global_step, obs
 
     def _make_tracker(self, start_step: int) -> Tracker:
         args = self.args
-        # --track: W&B starts first, so its sync_tensorboard patch sees the Tracker's SummaryWriter.
-        wandb_run = wandb_tracking.start(self.run_dir, self._config(), project=args.wandb_project_name,
-                                         entity=args.wandb_entity, name=self.run_name,
-                                         resumed=self.resumed) if args.track else None
-        return Tracker(self.run_dir, self._config(), args.total_timesteps, args.log_every, self.device,
+        configs = [self._config(k) for k in range(self.members)]
+        # --track: W&B starts first, so its sync_tensorboard patch sees the Tracker's SummaryWriters.
+        wandb_runs = [wandb_tracking.start(run_dir, config, project=args.wandb_project_name,
+                                           entity=args.wandb_entity, name=config["run_name"], resumed=self.resumed)
+                      for run_dir, config in zip(self.run_dirs, configs)] if args.track else None
+        return Tracker(self.run_dirs, configs, args.total_timesteps, args.log_every, self.device,
                        start_step=start_step, num_envs=args.num_envs, accuracy_window=args.log_every,
-                       wandb_run=wandb_run)
+                       wandb_runs=wandb_runs, active=[not failed for failed in self.failed])
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
@@ -368,13 +432,14 @@ class Run:
 
     # ---- per-step bookkeeping ----
     def watch_loss(self, loss: torch.Tensor) -> None:
-        """Remember (on device, no sync) whether a loss was NaN/inf; checked at every log flush."""
+        """Remember (on device, no sync) which members' losses [M] were NaN/inf; checked at every log flush."""
         self._nonfinite |= ~torch.isfinite(loss.detach())
 
     def record(self, global_step: int, step) -> None:
         """Log what one env step produced (episodes, accuracy, task switches); ``step`` is an AgentEnv.Step."""
         tracker = self.tracker
-        tracker.episodes(global_step, step.episode_returns, step.episode_lengths, group=step.group)
+        tracker.episodes(global_step, step.episode_returns, step.episode_lengths, step.episode_ended,
+                         group=step.group)
         if step.greedy_correct is not None:
             tracker.task_accuracy(step.greedy_correct)
         if step.task_id != step.previous_task_id:
@@ -387,10 +452,13 @@ class Run:
                      updates_done(global_step, args.train_frequency, args.learning_starts) + 1)
 
     def log_update(self, loss: torch.Tensor, q_taken: torch.Tensor) -> None:
-        """losses/td_loss and losses/q_values over the window, and the NaN watch (no host sync)."""
+        """losses/td_loss and losses/q_values per member over the window, and the NaN watch (no host sync).
+
+        ``loss [M]`` and ``q_taken [M, B]``.
+        """
         self.watch_loss(loss)
         self.tracker.mean("losses/td_loss", loss)
-        self.tracker.mean("losses/q_values", q_taken.mean())
+        self.tracker.mean("losses/q_values", q_taken.mean(dim=1))
 
     def mixed_precision(self):
         """Context for an update's forward passes: the torsos compute in bfloat16 with --bf16, else a no-op."""
@@ -421,31 +489,46 @@ class Run:
             self.tracker.close()
             self._close_envs()
             self._restore_signal_handlers()
-            run_folder.write_status(self.run_dir, run_folder.INTERRUPTED, global_step, args.total_timesteps)
+            self._write_statuses(run_folder.INTERRUPTED, global_step)
             print(f"interrupted at step {global_step}; continue with --resume {self.run_dir}", file=sys.stderr)
             return False
         return True
 
     def _check_finite(self, global_step: int) -> None:
-        if bool(self._nonfinite):
+        """Members whose loss became NaN/inf fail (status, last good checkpoint) and are frozen; the others go on.
+
+        One host transfer of an [M] bool.  When no member is left, the run stops (exit status 1).
+        """
+        nonfinite = self._nonfinite.tolist()
+        newly = [k for k in range(self.members) if nonfinite[k] and not self.failed[k]]
+        if newly:
             args = self.args
-            self.tracker.close(exit_code=1)  # W&B (--track) shows the run failed
-            self._restore_signal_handlers()
             last = (f"the last good checkpoint (step {self._good_step}) is {run_folder.checkpoint_path(self.run_dir)}"
                     if self._good_step >= 0 else "no checkpoint was written before it")
             message = (f"the loss became NaN/inf before step {global_step}; {last}. Try a lower --learning-rate, "
                        "a regularised network (--layer-norm, --l2) or check the rewards.")
-            run_folder.write_status(self.run_dir, run_folder.FAILED, global_step, args.total_timesteps, message)
-            raise NonFiniteLossError(message)
+            for k in newly:
+                self.failed[k] = True
+                self.tracker.close_member(k, exit_code=1)  # its event file ends here; W&B (--track) shows it failed
+                run_folder.write_status(self.run_dirs[k], run_folder.FAILED, global_step, args.total_timesteps,
+                                        message)
+                if self.members > 1:
+                    print(f"member {k} (seed {self.seeds[k]}) failed: {message} The other members go on.",
+                          file=sys.stderr)
+            if all(self.failed):
+                self.tracker.close(exit_code=1)
+                self._restore_signal_handlers()
+                raise NonFiniteLossError(message)
         self._good_step = global_step
 
     def checkpoint(self, global_step: int, obs: torch.Tensor) -> None:
-        """Write checkpoint.pt -- only when the loss is known finite, so it is always a good state."""
+        """Write the population's checkpoint.pt in the lead folder -- after the NaN check, so it is a good state."""
         self._check_finite(global_step)
         args = self.args
         state = {name: obj.state_dict() for name, obj in self.stateful.items()}
         state.update(global_step=global_step, obs=obs, env=self.envs.state_dict(), rng=rng_state(),
-                     action_generator=self.action_generator.get_state(), tracker=self.tracker.state_dict())
+                     action_random=self.action_random.state_dict(), tracker=self.tracker.state_dict(),
+                     failed=list(self.failed), seeds=list(self.seeds))
         include_buffer = args.checkpoint_buffer == "always" or (
             args.checkpoint_buffer == "auto" and self.buffer.nbytes <= BUFFER_CHECKPOINT_AUTO_LIMIT)
         if include_buffer:
@@ -460,11 +543,13 @@ class Run:
         self._check_finite(global_step)
         self.checkpoint(global_step, obs)
         if self.args.save_model:
-            save_model(self.run_dir, self.stateful["q_network"])
+            for k, run_dir in enumerate(self.run_dirs):
+                if not self.failed[k]:
+                    save_model(run_dir, self.stateful["q_network"], member=k)
         self.tracker.close()
         self._close_envs()
         self._restore_signal_handlers()
-        run_folder.write_status(self.run_dir, run_folder.COMPLETED, global_step, self.args.total_timesteps)
+        self._write_statuses(run_folder.COMPLETED, global_step)
 
     def _close_envs(self) -> None:
         self.envs.close()
@@ -475,24 +560,30 @@ class Run:
     def evaluate(self, global_step: int, q_values: Callable) -> None:
         """Greedy episodes on envs of their own when --eval-every is crossed; training's streams stay untouched.
 
-        ``q_values(obs)`` is the online network's Q-values; logged: charts/eval_return and the
-        family's extras (agents/harness/evaluation.py), and with --capture-video videos/eval_<step>.mp4.
+        ``q_values(obs [M, E, ...])`` is the online network's Q-values; logged per member:
+        charts/eval_return and the family's extras (agents/harness/evaluation.py), and with
+        --capture-video videos/eval_<step>.mp4 in each member's folder.
         """
         args = self.args
         if self.evaluator is None or not crossed(global_step - args.num_envs, global_step, args.eval_every):
             return
         number = global_step // args.eval_every  # this is the run's number-th evaluation
-        video = (run_folder.video_path(self.run_dir, f"eval_{global_step}")
-                 if args.capture_video and number % args.video_every == 0 else None)
-        result = self.evaluator.evaluate(q_values, global_step, follow=self.envs.env, video_path=video)
-        self.tracker.log_dict(result.scalars(), global_step)
+        videos = ([run_folder.video_path(run_dir, f"eval_{global_step}") for run_dir in self.run_dirs]
+                  if args.capture_video and number % args.video_every == 0 else None)
+        results = self.evaluator.evaluate(q_values, global_step, follow=self.envs.env, video_paths=videos)
+        scalars: dict[str, list[float]] = {}
+        for k, result in enumerate(results):
+            for tag, value in result.scalars().items():
+                scalars.setdefault(tag, [float("nan")] * self.members)[k] = value
+        self.tracker.log_dict(scalars, global_step)
 
     # ---- diagnostics (spec diagnostics.md "When and on what") ----
     def diagnose(self, before: int, global_step: int, diagnostics, td_targets: Callable, td_loss: Callable,
                  clip_range: tuple[float, float] | None = None) -> None:
-        """Run the diagnostics whose cadence was crossed, on a probe batch from the replay buffer.
+        """Run the diagnostics whose cadence was crossed, on a probe batch per member from its replay buffer.
 
-        ``td_targets(batch)`` and ``td_loss(batch)`` are the agent's own target and loss functions.
+        ``td_targets(batch)`` and ``td_loss(batch)`` are the agent's own target and loss functions
+        (per member: ``[M, B]`` and ``[M]``).  One host transfer for all members per event (the tracker's).
         """
         args = self.args
         due = {name: crossed(before, global_step, getattr(args, f"{name}_every"))
@@ -500,7 +591,7 @@ class Run:
         if global_step <= args.learning_starts or not any(due.values()) or len(self.buffer) < 2:
             return
         batch = self.buffer.sample(min(args.diag_batch, len(self.buffer)))
-        scalars: dict[str, float] = {}
+        scalars: dict[str, torch.Tensor] = {}
         if due["diag"]:
             with torch.no_grad():
                 targets = td_targets(batch)
@@ -515,7 +606,7 @@ class Run:
 
 
 def start(args, agent: str, categorical: bool = False) -> Run:
-    """Validate the final flags, seed everything, create the run folder, the env and the replay buffer.
+    """Validate the final flags, seed everything, create the run folders, the env and the replay buffers.
 
     ``categorical``: whether the value head is categorical, read from the final args
     (``resolve_args`` has run, so on ``--resume`` those are the run's saved flags).

@@ -146,7 +146,26 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return checkpoint_path(run_dir).exists()
+    """Whether the run (for a population member: its population, in the lead folder) has a checkpoint."""
+    return checkpoint_path(population_lead(run_dir)).exists()
+
+
+def population_lead(run_dir: Path) -> Path:
+    """The folder holding the checkpoint of ``run_dir``'s population (its member 0); ``run_dir`` for a single run.
+
+    A population (``--num-seeds N``) writes N run folders; member k's config.json names the
+    population (``population: {seed, num_seeds, member, lead, members}``) and the lead folder
+    holds the one checkpoint of all members.
+    """
+    run_dir = Path(run_dir)
+    try:
+        config = read_config(run_dir, missing_ok=True) or {}
+    except ValueError:  # a corrupt config.json: whoever reads the run reports it
+        return run_dir
+    population = config.get("population")
+    if isinstance(population, dict) and isinstance(population.get("lead"), str):
+        return run_dir.parent / population["lead"]
+    return run_dir
 
 
 def is_event_file(path: Path | str) -> bool:

@@ -30,10 +30,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from agents import c51, dqn
 from agents.harness.config import setting_of
 from envs.atari import AtariEnv
+from envs.atari_population import AtariPopulation
+from envs.factory import env_family
 from envs.replay_buffer import make_replay_buffer
 from plasticity.interventions import Interventions
 from plasticity.losses import CATEGORICAL_LOSSES, CategoricalSupport, c51_atoms
-from plasticity.networks import torso_precision
+from plasticity.networks import init_generators, torso_precision
+from plasticity.streams import MemberRandom, stream_seed
 
 AGENTS = {"dqn": dqn, "c51": c51}
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mnist"
@@ -61,7 +64,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interve
     of what the measured SPS, as a fraction of the floor, shows.
     """
     optimizer.zero_grad()
-    (loss + interventions.penalty()).backward()
+    # Each member's loss [M] reaches only its own weights: the sum gives every member its own gradient.
+    (loss.sum() + interventions.penalty()).backward()
     optimizer.step()
 
 
@@ -69,10 +73,13 @@ class AgentUpdate:
     """One training update of an agent, with the agent module's own QNetwork, optimiser and ``td_loss``.
 
     The networks, Adam and ``Interventions`` are built as the agent's ``main()`` builds them, from
-    its ``args`` (so ``--swr`` / ``--cbp`` / ... in ``args`` switch on exactly the agent's methods).
-    Calling the object runs the loop's update: ``learn()`` (sample a batch, ``module.td_loss`` under
-    ``--bf16``'s torso precision, ``optimizer_step``), then ``interventions.after_step``, a no-op
-    when no method is on.  ``td_loss`` is looked up on the module at every call (the tests spy on it).
+    its ``args`` (so ``--swr`` / ``--cbp`` / ... in ``args`` switch on exactly the agent's methods),
+    for the population ``args.num_seeds`` describes (members ``args.seed + k``; one member by
+    default): the stacked update of all members, as the loop runs it.  ``buffer`` must hold as
+    many members.  Calling the object runs the loop's update: ``learn()`` (sample a batch
+    ``[M, B, ...]``, ``module.td_loss`` under ``--bf16``'s torso precision, ``optimizer_step``), then
+    ``interventions.after_step``, a no-op when no method is on.  ``td_loss`` is looked up on the
+    module at every call (the tests spy on it).
     """
 
     def __init__(self, module, args, env, buffer):
@@ -87,15 +94,19 @@ class AgentUpdate:
                                        sigma_ratio=args.hl_gauss_sigma) if args.loss in CATEGORICAL_LOSSES else None)
             adam = {}
         self.module, self.args, self.buffer = module, args, buffer
-        self.q_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
+        self.seeds = [args.seed + k for k in range(args.num_seeds)]  # the population's members, as run.seeds
+        if buffer.members != len(self.seeds):
+            raise ValueError(f"the buffer holds {buffer.members} member(s); --num-seeds {args.num_seeds} needs as many")
+        self.q_network = module.QNetwork(env.obs_shape, env.num_actions, args, head,
+                                         init_generators(self.seeds)).to(device)
         self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=args.learning_rate, fused=True, **adam)
         self.target_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
-        # The args' methods (none by default: penalty() is 0), with the facts a run gives them (Atari, no shifts).
+        # The args' methods (none by default: penalty() is 0), with the facts a run gives them (its env family).
         categorical = module is c51 or args.loss in CATEGORICAL_LOSSES
-        setting = setting_of(args, is_atari=True, categorical=categorical)
+        setting = setting_of(args, is_atari=env_family(args.env_id) == "atari", categorical=categorical)
         self.interventions = Interventions(self.q_network, self.optimizer, args, target_model=self.target_network,
-                                           seed=args.seed, setting=setting)
+                                           seed=self.seeds, setting=setting)
         self.updates = 0  # the loop's 1-based update index, passed to interventions.after_step
 
     def learn(self) -> None:
@@ -117,16 +128,18 @@ def agent_update(module, args, env, buffer) -> AgentUpdate:
 
 
 def atari_replay(game: str, device: torch.device | str, steps: int = 300, capacity: int = 1000,
-                 full_action_space: bool = False, seed: int = 0):
-    """An ``AtariEnv`` as the agents make it with ``--sticky-actions 0`` (CleanRL), and the agents' replay
-    buffer holding ``steps`` real transitions of uniformly random play.  Returns (env, buffer, last obs)."""
-    env = AtariEnv(game, num_envs=1, seed=seed, device=device, sticky_actions=0.0,
-                   full_action_space=full_action_space)
-    obs, _ = env.reset(seed=seed)
-    buffer = make_replay_buffer(env.obs_shape, capacity, 1, device, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
+                 full_action_space: bool = False, seed: int = 0, members: int = 1):
+    """A population of ``members`` ``AtariEnv`` s as the agents make them with ``--sticky-actions 0`` (CleanRL),
+    seeds ``seed + k``, and the agents' replay buffer holding ``steps`` real transitions of uniformly random
+    play per member.  Returns (env, buffer, last obs ``[M, 1, 4, 84, 84]``); ``env`` is an ``AtariPopulation``."""
+    seeds = [seed + k for k in range(members)]
+    env = AtariPopulation([AtariEnv(game, num_envs=1, seed=s, device="cpu", sticky_actions=0.0,
+                                    full_action_space=full_action_space) for s in seeds], device)
+    obs, _ = env.reset(seeds=seeds)
+    buffer = make_replay_buffer(env.obs_shape, capacity, 1, device, seeds=[stream_seed(s, "replay") for s in seeds])
+    random = MemberRandom(seeds)
     for _ in range(steps):
-        actions = torch.randint(env.num_actions, (1,), generator=generator).to(device)
+        actions = random.integers(env.num_actions, 1).to(device)
         next_obs, reward, terminated, truncated, info = env.step(actions)
         buffer.add(obs, actions, info["learn_reward"], next_obs, terminated, truncated, valid=~info["reset_step"])
         obs = next_obs
@@ -143,12 +156,12 @@ def compute_floor(agent: str, device: torch.device, game: str = "ALE/Breakout-v5
     args = module.Args(env_id=game, cuda=device.type == "cuda", total_timesteps=10_000, learning_starts=0,
                        buffer_size=1000, **flags)
     env, buffer, obs = atari_replay(game, device)  # real frames in the buffer
-    actions = torch.zeros(1, dtype=torch.long, device=device)
+    actions = torch.zeros(1, 1, dtype=torch.long, device=device)  # [members, num_envs]
     update = agent_update(module, args, env, buffer)
 
     def act() -> None:
         with torch.no_grad():
-            update.q_network.q_values(obs).argmax(1)
+            update.q_network.q_values(obs).argmax(2)
 
     def env_step() -> None:
         env.step(actions)
@@ -180,7 +193,7 @@ def measured_sps(agent: str, device: torch.device, steps: int, learning_starts: 
 
 
 def bytes_per_atari_transition(capacity: int = 100_000) -> float:
-    buffer = make_replay_buffer((4, 84, 84), capacity, 1, "cpu", seed=0)
+    buffer = make_replay_buffer((4, 84, 84), capacity, 1, "cpu", seeds=[0])
     return buffer.nbytes / capacity
 
 
@@ -196,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-starts", type=int, default=2_000)
     parser.add_argument("--mnist", default=str(SHARED_MNIST), help="MNIST folder for the image-MDP figure")
     parser.add_argument("--bf16", action="store_true", help="also measure each agent with --bf16")
+    parser.add_argument("--mdp-steps", type=int, default=20_000,
+                        help="env steps per image-MDP run (learning from step 2000; > 3000)")
     args = parser.parse_args(argv)
+    if args.mdp_steps <= 3_000:
+        parser.error(f"--mdp-steps {args.mdp_steps}: the image-MDP runs read SPS after step 3000; give more")
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for agent in args.agents:
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({bytes_per_atari_transition() * 1e6 / 1e9:.2f} GB for 1M)")
     if Path(args.mnist, "t10k-images-idx3-ubyte.gz").exists():
         for num_envs in (1, 16):
-            sps = measured_sps("dqn", device, 20_000, 2_000, env_id="ImageMDP/mnist", data_dir=args.mnist,
+            sps = measured_sps("dqn", device, args.mdp_steps, 2_000, env_id="ImageMDP/mnist", data_dir=args.mnist,
                                num_envs=num_envs, shift=["label_permutation"], diag_every=10_000)
             print(f"image MDP (mnist, MLP 256x256, dqn, num_envs {num_envs}): training SPS {sps:.0f}")
 

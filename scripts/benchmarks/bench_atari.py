@@ -178,12 +178,13 @@ def bench_wrapper_overhead(args: Args) -> None:
 
 def bench_buffer(args: Args) -> None:
     num_envs = max(args.num_envs)
-    buffer = FrameStackReplayBuffer(args.capacity, (4, 84, 84), num_envs, device=args.device, seed=0)
-    obs = torch.randint(0, 256, (num_envs, 4, 84, 84), dtype=torch.uint8, device=args.device)
-    actions = torch.zeros(num_envs, dtype=torch.long, device=args.device)
-    rewards = torch.zeros(num_envs, device=args.device)
-    flags = torch.zeros(num_envs, dtype=torch.bool, device=args.device)
-    valid = torch.rand(num_envs, device=args.device) > 0.01  # a reset step now and then
+    # One member (a single run): every tensor [members=1, num_envs, ...].
+    buffer = FrameStackReplayBuffer(args.capacity, (4, 84, 84), num_envs, device=args.device, seeds=[0])
+    obs = torch.randint(0, 256, (1, num_envs, 4, 84, 84), dtype=torch.uint8, device=args.device)
+    actions = torch.zeros(1, num_envs, dtype=torch.long, device=args.device)
+    rewards = torch.zeros(1, num_envs, device=args.device)
+    flags = torch.zeros(1, num_envs, dtype=torch.bool, device=args.device)
+    valid = torch.rand(1, num_envs, device=args.device) > 0.01  # a reset step now and then
 
     def add():
         buffer.add(obs, actions, rewards, obs, flags, flags, valid=valid)

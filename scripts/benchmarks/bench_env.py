@@ -56,8 +56,9 @@ def bench_image_mdp(
             env = ImageMDPVectorEnv(
                 "mnist", num_envs=num_envs, data_dir=data_dir, device=device, obs_dtype=obs_dtype, shift=shift
             )
-            actions = torch.randint(env.num_classes, (64, num_envs), device=env.device)
-            env.reset(seed=0)
+            # A single run: one member, actions [members=1, num_envs].
+            actions = torch.randint(env.num_classes, (64, 1, num_envs), device=env.device)
+            env.reset(seeds=[0])
             for step in range(warmup_steps):
                 env.step(actions[step % 64])
             rates = [_vector_steps_per_s(env, actions, seconds / repeats) for _ in range(repeats)]

@@ -1,0 +1,230 @@
+"""Layers whose parameters carry a leading member dimension: M networks computed as one.
+
+A population (spec populations.md) is M independent networks of the same shape.  These
+layers hold member k's parameters at index k of every parameter and take inputs
+``[M, batch, ...]``: member k's rows meet only member k's weights (a batched matmul,
+a grouped convolution), so the members never mix.  Adam is elementwise, so one
+optimiser over these parameters is M independent Adams, and summing the members'
+losses gives each member its own gradient.
+
+Methods and diagnostics see every weight-carrying layer through a member view (a
+view, so in-place writes land in the layer):
+
+    weight_view(layer)      [M, out, fan_in...]   rows are output units
+    bias_view(layer)        [M, out] or None
+    as_weight_view(layer, t) the same view of any tensor shaped like the weight
+                             parameter (its gradient, its Adam moments)
+
+An ordinary ``nn.Linear``/``nn.Conv2d``/``nn.LayerNorm`` is a population of one
+(``weight.unsqueeze(0)``), so every method works on any PyTorch model too.
+
+``MemberLinear`` stores its weight as ``kernel [M, in, out]``: on a CPU a batched
+matmul's backward runs ~1.6x faster in that layout than with ``[M, out, in]``
+(measured, 16 members, 32x784 @ 784x256).  With one member the layers call the plain
+kernels (``addmm``, ``conv2d``), as fast as ``nn.Linear``/``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Generators = Sequence[torch.Generator] | None
+
+
+def _draw(shape: Sequence[int], bound: float, generators: Generators, members: int) -> torch.Tensor:
+    """[M, *shape] uniform in [-bound, bound): member k drawn from ``generators[k]`` (CPU, then moved)."""
+    out = torch.empty(members, *shape)
+    for k in range(members):
+        out[k].uniform_(-bound, bound, generator=None if generators is None else generators[k])
+    return out
+
+
+def _check_generators(generators: Generators, members: int) -> None:
+    if members < 1:
+        raise ValueError(f"a population needs at least one member; got members={members}")
+    if generators is not None and len(generators) != members:
+        raise ValueError(f"one generator per member: got {len(generators)} for {members} members")
+
+
+class MemberLinear(nn.Module):
+    """M linear layers: ``x [M, B, in] -> [M, B, out]``; PyTorch's default init, member k from generator k."""
+
+    def __init__(self, members: int, in_features: int, out_features: int, bias: bool = True,
+                 generators: Generators = None):
+        super().__init__()
+        _check_generators(generators, members)
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        # Drawn as [out, in] per member (the nn.Linear order of draws), stored as [in, out].
+        self.kernel = nn.Parameter(_draw((out_features, in_features), bound, generators, members)
+                                   .transpose(1, 2).contiguous())
+        self.bias = nn.Parameter(_draw((out_features,), bound, generators, members)) if bias else None
+
+    @property
+    def members(self) -> int:
+        return self.kernel.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, bias = self.kernel, self.bias
+        if kernel.shape[0] == 1:
+            out = x[0] @ kernel[0] if bias is None else torch.addmm(bias[0], x[0], kernel[0])
+            return out.unsqueeze(0)
+        if bias is None:
+            return torch.bmm(x, kernel)
+        return torch.baddbmm(bias.unsqueeze(1), x, kernel)
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class MemberConv2d(nn.Module):
+    """M convolutions: ``x [M, B, C, H, W] -> [M, B, C', H', W']`` as one grouped convolution.
+
+    ``weight [M, out, in, kh, kw]``.  With one member: a plain ``conv2d`` (channels-last when
+    ``channels_last``, the faster layout of oneDNN/cuDNN, measured ~14% on a Nature-CNN update).
+    """
+
+    def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, generators: Generators = None):
+        super().__init__()
+        _check_generators(generators, members)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kernel_size, kernel_size), stride, padding
+        fan_in = in_channels * kernel_size * kernel_size
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        self.weight = nn.Parameter(_draw((out_channels, in_channels, kernel_size, kernel_size), bound, generators,
+                                         members))
+        self.bias = nn.Parameter(_draw((out_channels,), bound, generators, members))
+        self.channels_last = False
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        members, batch = weight.shape[0], x.shape[1]
+        if members == 1:
+            inputs, kernel = x[0], weight[0]
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+                kernel = kernel.contiguous(memory_format=torch.channels_last)
+            return F.conv2d(inputs, kernel, bias[0], self.stride, self.padding).unsqueeze(0)
+        grouped = x.transpose(0, 1).reshape(batch, members * self.in_channels, *x.shape[3:])
+        out = F.conv2d(grouped, weight.reshape(members * self.out_channels, *weight.shape[2:]), bias.reshape(-1),
+                       self.stride, self.padding, groups=members)
+        return out.view(batch, members, self.out_channels, *out.shape[2:]).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (f"members={self.members}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+class MemberLayerNorm(nn.Module):
+    """M LayerNorms over the trailing ``normalized_shape`` dims of ``x [M, B, *normalized_shape]``."""
+
+    def __init__(self, members: int, normalized_shape: Sequence[int] | int, eps: float = 1e-5):
+        super().__init__()
+        _check_generators(None, members)
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape, self.eps = shape, eps
+        self.weight = nn.Parameter(torch.ones(members, *shape))
+        self.bias = nn.Parameter(torch.zeros(members, *shape))
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[0] == 1:
+            return F.layer_norm(x[0], self.normalized_shape, self.weight[0], self.bias[0], self.eps).unsqueeze(0)
+        expand = (x.shape[0], 1, *self.normalized_shape)
+        normed = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return torch.addcmul(self.bias.view(expand), normed, self.weight.view(expand))
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, {self.normalized_shape}, eps={self.eps}"
+
+
+MEMBER_WEIGHT_LAYERS = (MemberLinear, MemberConv2d)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, *MEMBER_WEIGHT_LAYERS)
+NORM_LAYERS = (nn.LayerNorm, MemberLayerNorm)
+LINEAR_LAYERS = (nn.Linear, MemberLinear)
+CONV_LAYERS = (nn.Conv2d, MemberConv2d)
+
+
+def is_member_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a member layer (its parameters carry the member dimension)."""
+    return isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm))
+
+
+def weight_param(layer: nn.Module) -> nn.Parameter:
+    """The Parameter holding ``layer``'s weight (what an optimiser's state is keyed on)."""
+    return layer.kernel if isinstance(layer, MemberLinear) else layer.weight
+
+
+def as_weight_view(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped like ``weight_param(layer)``) as ``[M, out, fan_in...]``; a view."""
+    if isinstance(layer, MemberLinear):
+        return tensor.transpose(1, 2)
+    if isinstance(layer, (MemberConv2d, MemberLayerNorm)):
+        return tensor
+    return tensor.unsqueeze(0)
+
+
+def weight_view(layer: nn.Module) -> torch.Tensor:
+    """``[M, out, fan_in...]`` view of a Linear/Conv2d/LayerNorm weight (plain layers: M = 1)."""
+    return as_weight_view(layer, weight_param(layer))
+
+
+def bias_view(layer: nn.Module) -> torch.Tensor | None:
+    """``[M, out...]`` view of the bias, or None."""
+    if layer.bias is None:
+        return None
+    return layer.bias if isinstance(layer, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm)) else layer.bias.unsqueeze(0)
+
+
+def out_units(layer: nn.Module) -> int:
+    """Output units (features of a linear layer, channels of a convolution)."""
+    return layer.out_features if isinstance(layer, LINEAR_LAYERS) else layer.out_channels
+
+
+def fan_in(layer: nn.Module) -> int:
+    """Inputs of one output unit (in_features, or in_channels * kh * kw)."""
+    return math.prod(weight_view(layer).shape[2:])
+
+
+def members_of(model: nn.Module) -> int:
+    """M of a model built from member layers (1 for an ordinary model)."""
+    for module in model.modules():
+        if isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm)):
+            return module.members
+    return 1
+
+
+def member_shape(tensor: torch.Tensor, members: int) -> torch.Tensor:
+    """Reduce-ready view: ``[M, -1]`` of a member-view tensor (e.g. for per-member norms)."""
+    return tensor.reshape(members, -1)
+
+
+def member_parameters(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """Member ``index``'s parameters and buffers as a one-member population (``functional_call``-ready views).
+
+    ``torch.func.functional_call(model, member_parameters(model, k), (x[k:k+1],))`` is member k
+    alone: the layers read M from their parameters.  Ordinary models: their own tensors.
+    """
+    members = members_of(model)
+    if members == 1:
+        return dict(model.named_parameters()) | dict(model.named_buffers())
+    sliced = {}
+    member_modules = {name for name, m in model.named_modules() if isinstance(m, (*MEMBER_WEIGHT_LAYERS,
+                                                                                  MemberLayerNorm))}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        sliced[name] = tensor[index:index + 1] if owner in member_modules else tensor
+    return sliced
