@@ -201,3 +201,73 @@ def test_bench_diagnostics_times_the_agents_update(monkeypatch, one_thread):
         assert isinstance(args, module.Args) and batch.actions.shape == (1, args.batch_size) == (1, 32)  # one member
         assert q_network.head.out_features == 4 * (int(atoms) if module is c51 else 1)
         assert results["update_ms"] > 0
+
+
+# --- the population benchmark (bench.py population): the real agent's runs, and floors from the agent's update ---
+
+def _tiny_population_flags(mnist_dir) -> list[str]:
+    return ["--seeds", "1", "2", "--steps", "200", "--learning-starts", "100", "--log-every", "100",
+            "--diag-every", "100", "--hidden-sizes", "16", "16", "--floor-repeats", "2", "--threads", "1",
+            "--data-dir", str(mnist_dir)]
+
+
+def test_population_floor_times_the_agents_stacked_update(monkeypatch, one_thread, mnist_dir):
+    """The floor's update is dqn's own (QNetwork, td_loss on a [N, 32, ...] replay batch, the variant's methods),
+    built from the very flags the measured run gets."""
+    from scripts.benchmarks import bench_population
+
+    real, calls = dqn.td_loss, []
+    monkeypatch.setattr(dqn, "td_loss", lambda q, target, batch, args: calls.append((q, target, batch, args))
+                        or real(q, target, batch, args))
+    built = []
+    real_update = bench_population.agent_update
+    monkeypatch.setattr(bench_population, "agent_update", lambda *a: built.append(real_update(*a)) or built[-1])
+    opts = bench_population.parse_args(_tiny_population_flags(mnist_dir))
+    flags = bench_population.agent_flags(opts, "methods", 2, opts.seed, 400)
+    assert flags[flags.index("--num-seeds") + 1] == "2" and {"--layer-norm", "--cbp", "--swr"} <= set(flags)
+    floor = bench_population.compute_floor(bench_population.parse_agent_args(flags), repeats=2, fill_steps=40)
+    assert len(calls) == 3 + 2  # three warm-up updates, then the timed ones
+    (update,) = built
+    q_network, target_network, batch, args = calls[0]
+    assert type(q_network) is dqn.QNetwork and type(target_network) is dqn.QNetwork and q_network is update.q_network
+    assert isinstance(args, dqn.Args) and args.num_seeds == 2 and args.layer_norm and args.cbp and args.swr == 1e-3
+    assert batch.obs.shape[:2] == (2, args.batch_size) == (2, 32)  # one stacked batch for both members
+    assert update.interventions.enabled == ("cbp", "swr")
+    assert floor["members"] == 2 and floor["train_frequency"] == args.train_frequency
+    assert floor["floor_ms_per_step"] == pytest.approx(floor["update_ms"] / args.train_frequency + floor["act_ms"]
+                                                       + floor["env_step_ms"] + floor["buffer_add_ms"])
+    assert floor["floor_sps"] == pytest.approx(2e3 / floor["floor_ms_per_step"])
+
+
+def test_population_benchmark_runs_end_to_end(tmp_path, one_thread, mnist_dir):
+    """Tiny settings: real agents/dqn.py runs (N = 1, 2, two parallel single runs), floors, table, JSON, plot.
+
+    One variant (methods: --layer-norm --swr 1e-3 --cbp) keeps it short; by default both are measured.
+    """
+    import json
+
+    from scripts.benchmarks import bench_population
+
+    assert bench_population.parse_args([]).variants == ["plain", "methods"]
+    out, figure = tmp_path / "population.json", tmp_path / "population.png"
+    bench_population.main([*_tiny_population_flags(mnist_dir), "--variants", "methods", "--json", str(out),
+                           "--plot", str(figure)])
+    results = json.loads(out.read_text())
+    assert figure.stat().st_size > 0
+    assert results["config"]["seeds"] == [1, 2] and results["config"]["env_id"] == "ImageMDP/mnist"
+    assert set(results["variants"]) == {"methods"}
+    for variant, entry in results["variants"].items():
+        assert entry["flags"] == bench_population.VARIANTS[variant]
+        for n in ("1", "2"):
+            row = entry["population"][n]
+            (run,) = row["runs"]
+            assert run["command"][run["command"].index("--num-seeds") + 1] == n
+            assert run["measured_steps"] == 200 and run["diag_events"] == 2  # steps 300 and 400
+            assert row["sps"] > 0 and row["sps"] == pytest.approx(int(n) * row["per_member_sps"])
+            floor = row["floor"]
+            assert floor["members"] == int(n) and floor["update_ms"] > 0 and floor["step_ms"] > 0
+            assert row["floor_ratio"] == pytest.approx(row["sps"] / floor["floor_sps"])
+        assert entry["single"]["same_as_population_n1"] and entry["single"]["sps"] == entry["population"]["1"]["sps"]
+        (pair,) = entry["parallel"]["runs"]
+        assert len(pair["runs_sps"]) == 2 and entry["parallel"]["sps"] == pytest.approx(sum(pair["runs_sps"]))
+        assert [command[command.index("--seed") + 1] for command in pair["commands"]] == ["1", "2"]

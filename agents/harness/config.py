@@ -37,7 +37,8 @@ class ConfigError(ValueError):
     """An invalid flag or flag combination; the agents print it and exit with status 2."""
 
 
-SEED = Range(low=0, high=2**32 - 1, integer=True)  # what numpy's global seeding accepts
+SEED = Range(low=0, high=2**32 - 1, integer=True)
+SEED_PLACEHOLDER = "{seed}"  # in --run-name: each population member's seed  # what numpy's global seeding accepts
 FINITE = Range()
 
 
@@ -61,7 +62,7 @@ class CommonArgs(InterventionFlags):
     runs_dir: str = "runs"
     """folder that holds one sub-folder per run (TensorBoard files, config.json, checkpoint.pt)"""
     run_name: str = ""
-    """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>); a population's members get <run-name>-seed<seed>"""
+    """exact run folder name under --runs-dir (default: <env>__<agent>__<tag>__<seed>__<unix time>); {seed} in it becomes each member's seed, else a population's members get <run-name>-seed<seed>"""
     checkpoint_every: int = ranged(100_000, COUNT)
     """save a checkpoint every this many env steps (0: only at the end and on interruption)"""
     checkpoint_buffer: Literal["auto", "always", "never"] = "auto"
@@ -338,8 +339,10 @@ def check_paths(args: CommonArgs) -> None:
     if args.data_dir:  # downloads go there when the files are missing
         check_writable_place("--data-dir", args.data_dir)
     if args.run_name:
-        check(re.fullmatch(r"[A-Za-z0-9._+=,-]+", args.run_name) is not None and args.run_name not in (".", ".."),
-              f"--run-name {args.run_name!r} must be one plain folder name (letters, digits, . _ + = , -)")
+        plain = args.run_name.replace(SEED_PLACEHOLDER, "0")
+        check(re.fullmatch(r"[A-Za-z0-9._+=,-]+", plain) is not None and plain not in (".", ".."),
+              f"--run-name {args.run_name!r} must be one plain folder name (letters, digits, . _ + = , -, "
+              f"and {SEED_PLACEHOLDER} for the seed)")
     if args.resume:
         check(Path(args.resume).is_dir(), f"--resume {args.resume}: no such run folder")
     check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.buffer_device) is not None,
@@ -376,6 +379,10 @@ def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
           f"--seed {args.seed} --num-seeds {args.num_seeds}: the last member's seed {args.seed + args.num_seeds - 1} "
           f"exceeds {SEED.high}; give a smaller --seed")
     check(not args.track or wandb_tracking.available(), wandb_tracking.MISSING)
+    check(not (args.track and args.num_seeds > 1),
+          "--track mirrors one run per process (W&B's TensorBoard sync is process-wide), and a population writes "
+          "--num-seeds run folders: drop --track and upload the members' folders afterwards with "
+          "`wandb sync --sync-tensorboard runs/<member folder>`, or track single-seed runs")
     check_evaluation(args)
     check(not args.cuda or torch.cuda.is_available(),
           "--cuda was given but no CUDA device is available; run with --no-cuda or on a machine with a GPU")

@@ -39,7 +39,14 @@ from agents.harness.checkpoint import (
     save_model,
     set_rng_state,
 )
-from agents.harness.config import ConfigError, resolve_family_defaults, run_tag, setting_of, validate
+from agents.harness.config import (
+    SEED_PLACEHOLDER,
+    ConfigError,
+    resolve_family_defaults,
+    run_tag,
+    setting_of,
+    validate,
+)
 from agents.harness.tracking import Tracker, args_to_dict
 from envs.factory import AgentEnv, env_family
 from envs.replay_buffer import make_replay_buffer, planned_replay_nbytes
@@ -197,6 +204,14 @@ def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
+def member_run_name(run_name: str, seed: int, members: int) -> str:
+    """The folder of the member with ``seed`` under ``--run-name``: ``{seed}`` in it is replaced by the seed;
+    without it, a population's members get ``<run-name>-seed<seed>`` (a single run: ``run_name`` itself)."""
+    if SEED_PLACEHOLDER in run_name:
+        return run_name.replace(SEED_PLACEHOLDER, str(seed))
+    return run_name if members == 1 else f"{run_name}-seed{seed}"
+
+
 class Run:
     """One population of training runs (``--num-seeds N``; a single run is N = 1).
 
@@ -274,7 +289,7 @@ class Run:
             now = int(time.time())
             names = [run_folder.run_name(args.env_id, self.agent, run_tag(args), seed, now) for seed in self.seeds]
             if args.run_name:
-                names = [args.run_name] if self.members == 1 else [f"{args.run_name}-seed{s}" for s in self.seeds]
+                names = [member_run_name(args.run_name, seed, self.members) for seed in self.seeds]
         run_dirs = [Path(args.runs_dir) / name for name in names]
         if not self.resumed:
             for run_dir in run_dirs:

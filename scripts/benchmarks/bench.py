@@ -6,6 +6,7 @@
     python scripts/benchmarks/bench.py diagnostics    # one diagnostics event vs training time
     python scripts/benchmarks/bench.py agents         # DQN/C51 training SPS vs compute floor, image-MDP training SPS
     python scripts/benchmarks/bench.py reference      # DQN/C51 SPS vs a CleanRL-style loop, alternating runs (bench extra)
+    python scripts/benchmarks/bench.py population     # --num-seeds N aggregate SPS vs single and parallel runs, floors
 
 Arguments after the sub-command go to that benchmark (`python scripts/benchmarks/bench.py env --help`).
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file from a source checkout
 
-BENCHMARKS = {name: f"scripts.benchmarks.bench_{name}" for name in ("env", "atari", "plasticity", "diagnostics", "agents", "reference")}
+BENCHMARKS = {name: f"scripts.benchmarks.bench_{name}" for name in ("env", "atari", "plasticity", "diagnostics", "agents", "reference",
+                                                                      "population")}
 
 
 def main() -> None:
