@@ -109,24 +109,49 @@ def test_a_resumed_run_logs_the_evaluations_of_an_uninterrupted_one(tmp_path, mn
         {tag: series for tag, series in uninterrupted.items() if tag != "charts/SPS"}
 
 
+def test_a_population_logs_each_members_evaluations_as_its_single_run(tmp_path, mnist_dir):
+    """Evaluation streams are per member: member k's charts/eval_* are those of the single run with seed s+k."""
+    flags = dict(eval_every=100, eval_episodes=2, diag_every=0, cbp=True)
+    run(mdp_args("dqn", tmp_path / "pop", mnist_dir, seed=3, num_seeds=2, **flags))
+    for seed in (3, 4):
+        member = read_scalars(tmp_path / "pop" / f"run-seed{seed}")
+        single = read_scalars(run(mdp_args("dqn", tmp_path / f"single{seed}", mnist_dir, seed=seed, **flags)))
+        for tag in ("charts/eval_return", "charts/eval_accuracy", "charts/eval_length"):
+            assert [step for step, _ in member[tag]] == [100, 200, 300], (seed, tag)
+            assert [step for step, _ in member[tag]] == [step for step, _ in single[tag]], (seed, tag)
+            for (step, got), (_, want) in zip(member[tag], single[tag]):
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (seed, tag, step)
+    returns = [read_scalars(tmp_path / "pop" / f"run-seed{seed}")["charts/eval_return"] for seed in (3, 4)]
+    assert returns[0] != returns[1]  # the members evaluate on their own streams, not one shared stream
+
+
 def test_image_mdp_evaluation_copy_plays_the_current_task_and_leaves_the_env_alone(mnist_dir):
+    """A population of two: member k's copy plays member k's current task (its own images and permutations)."""
     args = mdp_args("dqn", Path("unused"), mnist_dir, shift=["label_permutation", "pixel_permutation"],
                     shift_every=5, num_envs=1)
-    env = make_env(args, torch.device("cpu"))
-    env.reset(seed=1)
+    env = make_env(args, torch.device("cpu"), seeds=[1, 2])
+    env.reset(seeds=[1, 2])
     for _ in range(5):
-        env.step(torch.zeros(1, dtype=torch.long))
+        env.step(torch.zeros(2, 1, dtype=torch.long))
     assert env.task_id == 1
     state = env.state_dict()
     copy = env.evaluation_copy(3)
-    obs, info = copy.reset(seed=7)
+    obs, info = copy.reset(seeds=[7, 8])
     for _ in range(12):  # past the env's switch period: the copy never switches
         obs, _reward, _terminated, _truncated, info = copy.step(info["label"])
-        assert bool(_reward.eq(1).all())  # naming the latent class is right in the easy variant
-    assert copy.task_id == 1 and copy.num_envs == 3 and obs.shape[0] == 3
+        assert bool(_reward.eq(1).all())  # naming the latent class is right in the easy variant, in every member
+    assert copy.task_id == 1 and copy.num_envs == 3 and obs.shape[:2] == (2, 3)
     assert copy.image_labels is env.image_labels and copy.pixel_permutation is env.pixel_permutation
+    assert not torch.equal(env.pixel_permutation[0], env.pixel_permutation[1])  # each member its own task
     after = env.state_dict()
-    assert torch.equal(after["generator_state"], state["generator_state"]) and after["step_count"] == 5
+    assert after["step_count"] == 5 and torch.equal(after["state"], state["state"])
+    assert all(torch.equal(a, b) for a, b in zip(after["rng"]["generators"], state["rng"]["generators"]))
+    assert torch.equal(after["rng"]["pool"], state["rng"]["pool"])
+
+
+def zero_q(num_actions: int):
+    """q_values of a network that knows nothing: [M, E, ...] observations -> [M, E, actions] zeros."""
+    return lambda obs: torch.zeros(*obs.shape[:2], num_actions)
 
 
 def test_evaluator_splits_episodes_in_fixed_quotas(mnist_dir):
@@ -134,13 +159,28 @@ def test_evaluator_splits_episodes_in_fixed_quotas(mnist_dir):
     evaluator = Evaluator(args, torch.device("cpu"))
     assert evaluator.num_envs == evaluation.MAX_ENVS and sorted(evaluator.quotas.tolist()) == [1] * 11 + [2] * 5
     env = make_env(args, torch.device("cpu"))
-    env.reset(seed=0)
-    result = evaluator.evaluate(lambda obs: torch.zeros(len(obs), 10), 100, follow=env)
+    env.reset(seeds=[args.seed])
+    [result] = evaluator.evaluate(zero_q(10), 100, follow=env)
     assert len(result.returns) == 21 and set(result.lengths.tolist()) == {7}
-    again = evaluator.evaluate(lambda obs: torch.zeros(len(obs), 10), 100, follow=env)
-    other = evaluator.evaluate(lambda obs: torch.zeros(len(obs), 10), 200, follow=env)
+    [again] = evaluator.evaluate(zero_q(10), 100, follow=env)
+    [other] = evaluator.evaluate(zero_q(10), 200, follow=env)
     assert again.accuracy == result.accuracy and result.returns.tolist() == again.returns.tolist()
     assert other.returns.tolist() != result.returns.tolist() or other.accuracy != result.accuracy
+
+
+def test_population_evaluator_gives_each_member_the_episodes_of_its_single_run(mnist_dir):
+    """Member k of a population evaluation plays what the evaluation of the single run with seed s+k plays."""
+    args = mdp_args("dqn", Path("unused"), mnist_dir, eval_episodes=5, episode_length=9, eval_epsilon=0.5)
+    population = make_env(args, torch.device("cpu"), seeds=[3, 4])
+    population.reset(seeds=[3, 4])
+    results = Evaluator(args, torch.device("cpu"), seeds=[3, 4]).evaluate(zero_q(10), 100, follow=population)
+    assert len(results) == 2
+    for seed, result in zip([3, 4], results):
+        single = make_env(args, torch.device("cpu"), seeds=[seed])
+        single.reset(seeds=[seed])
+        [alone] = Evaluator(args, torch.device("cpu"), seeds=[seed]).evaluate(zero_q(10), 100, follow=single)
+        assert result.returns.tolist() == alone.returns.tolist() and result.accuracy == alone.accuracy
+    assert results[0].returns.tolist() != results[1].returns.tolist() or results[0].accuracy != results[1].accuracy
 
 
 def test_nonstationary_atari_is_evaluated_in_the_training_task_per_game():
@@ -148,7 +188,7 @@ def test_nonstationary_atari_is_evaluated_in_the_training_task_per_game():
                     eval_every=100, eval_episodes=1, eval_epsilon=1.0, cuda=False)
     experiment.resolve_args(args, agent="dqn")  # the flags a run would train with (protocol, family defaults)
     evaluator = Evaluator(args, torch.device("cpu"))
-    result = evaluator.evaluate(lambda obs: torch.zeros(len(obs), 18), 100, follow=SimpleNamespace(task_id=1))
+    [result] = evaluator.evaluate(zero_q(18), 100, follow=SimpleNamespace(task_id=1))
     evaluator.close()
     assert result.game == "breakout" and len(result.returns) == 1
     scalars = result.scalars()
@@ -192,12 +232,31 @@ def test_atari_run_logs_hns_records_a_video_and_saves_a_model_that_evaluate_repl
     assert number_after("human-normalised", lines[2]) == pytest.approx(hns, abs=0.0006)
 
 
+@pytest.mark.slow
+def test_evaluate_plays_a_nonstationary_atari_members_task_with_its_seed(tmp_path, capsys):
+    """Member 1 of a --atari-shift games population: its own schedule from the lead's checkpoint (Breakout at
+    step 200), its own seed; epsilon 1, so the logged mean is replayed whatever the weights."""
+    run(atari_args(tmp_path, env_id="ALE/Pong-v5", atari_shift=["games"], games=["Breakout"], switch_every=150,
+                   num_seeds=2, run_name="shift"))
+    lead, member = tmp_path / "shift-seed1", tmp_path / "shift-seed2"
+    logged = read_scalars(member)
+    [(step, mean_return)] = logged["charts/eval_return/breakout"]
+    assert step == 200 and logged["charts/eval_return"] == [(200, mean_return)]
+    assert read_scalars(lead)["charts/eval_length"] != logged["charts/eval_length"]  # member 0 played other games
+    capsys.readouterr()
+    assert evaluate.main([str(member), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("checkpoint.pt (step 200), 2 episodes at epsilon 1")
+    assert number_after("mean return", lines[1]) == pytest.approx(mean_return, abs=0.006)
+    assert number_after("human-normalised", lines[2]) == pytest.approx(logged["charts/eval_hns"][0][1], abs=0.0006)
+
+
 @needs_video
 def test_atari_video_has_one_frame_per_step_of_the_recorded_game(tmp_path):
     args = atari_args(tmp_path, capture_video=True)
     evaluator = Evaluator(args, torch.device("cpu"))
     path = tmp_path / "game.mp4"
-    result = evaluator.evaluate(lambda obs: torch.zeros(len(obs), 4), 0, video_path=path)
+    [result] = evaluator.evaluate(zero_q(4), 0, video_paths=[path])
     evaluator.close()
     assert result.video == path
     first_game = result.lengths[result.envs == 0][0]
@@ -213,10 +272,9 @@ def test_atari_video_has_one_frame_per_step_of_the_recorded_game(tmp_path):
 def test_image_mdp_video_shows_each_observation_with_the_answer(tmp_path, mnist_dir):
     args = mdp_args("dqn", tmp_path, mnist_dir, episode_length=30, eval_episodes=2)
     env = make_env(args, torch.device("cpu"))
-    env.reset(seed=0)
+    env.reset(seeds=[0])
     path = tmp_path / "answers.mp4"
-    result = Evaluator(args, torch.device("cpu")).evaluate(lambda obs: torch.zeros(len(obs), 10), 0, follow=env,
-                                                            video_path=path)
+    [result] = Evaluator(args, torch.device("cpu")).evaluate(zero_q(10), 0, follow=env, video_paths=[path])
     assert video.count_frames(path) == 30 == result.lengths[0]
     frame = video.answer_frame(torch.zeros(1, 28, 28, dtype=torch.uint8).numpy(), 3, 3)
     assert frame.shape == (28 * 8 + 48, 28 * 8, 3) and frame[28 * 8:].any()  # the band holds the digits
@@ -241,6 +299,53 @@ def test_evaluate_replays_the_last_evaluation_of_an_image_mdp_run(agent, tmp_pat
     assert evaluate.main([str(run_dir), "--device", "cpu", "--episodes", "5", "--epsilon", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint.pt (step 200), 5 episodes at epsilon 0.5" in out and "mean return" in out
+
+
+@pytest.mark.parametrize("agent", ["dqn", "c51"])
+def test_evaluate_replays_a_population_members_last_evaluation(agent, tmp_path, mnist_dir, capsys):
+    """A member's folder: its own model.pt, or its slice of the lead's checkpoint, in its own task."""
+    run(mdp_args(agent, tmp_path, mnist_dir, total_timesteps=200, eval_every=200, eval_episodes=3, save_model=True,
+                 diag_every=0, seed=5, num_seeds=2))
+    lead, member = tmp_path / "run-seed5", tmp_path / "run-seed6"
+    assert run_folder.checkpoint_path(lead).exists() and not run_folder.checkpoint_path(member).exists()
+    logged = read_scalars(member)
+    [(step, logged_return)] = logged["charts/eval_return"]
+    [(_, logged_accuracy)] = logged["charts/eval_accuracy"]
+    assert step == 200 and logged_return != read_scalars(lead)["charts/eval_return"][0][1]  # not member 0's
+    capsys.readouterr()  # the run's progress lines
+
+    def replay(*flags) -> list[str]:
+        assert evaluate.main([str(member), "--device", "cpu", *flags]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    for source in ("model.pt", "checkpoint.pt"):  # with --save-model; then the lead's checkpoint alone
+        lines = replay()
+        assert lines[0].endswith(f"{source} (step 200), 3 episodes at epsilon 0.001"), lines[0]
+        assert number_after("mean return", lines[1]) == pytest.approx(logged_return, abs=0.006), source
+        assert number_after("greedy accuracy", lines[2]) == pytest.approx(logged_accuracy, abs=0.0006), source
+        run_folder.model_path(member).unlink(missing_ok=True)
+    # Member 0's own folder replays member 0's evaluation, not member 1's.
+    assert evaluate.main([str(lead), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert number_after("mean return", lines[1]) == pytest.approx(read_scalars(lead)["charts/eval_return"][0][1],
+                                                                  abs=0.006)
+    # Another seed plays other episodes of the same network.
+    other = replay("--seed", "99", "--episodes", "5")
+    assert "checkpoint.pt (step 200), 5 episodes" in other[0] and other[1].startswith("mean return ")
+
+
+def test_evaluate_names_a_members_missing_or_foreign_population_checkpoint(tmp_path, mnist_dir, capsys):
+    run(mdp_args("dqn", tmp_path, mnist_dir, total_timesteps=120, diag_every=0, num_seeds=2))
+    member = tmp_path / "run-seed2"
+    capsys.readouterr()
+    checkpoint = run_folder.checkpoint_path(tmp_path / "run-seed1")
+    state = torch.load(checkpoint, weights_only=True)
+    state["q_network"] = {name: tensor[:1] for name, tensor in state["q_network"].items()}  # a one-member network
+    torch.save(state, checkpoint)
+    assert "population of 2 members" in _one_error_line([str(member)], capsys)
+    checkpoint.unlink()
+    line = _one_error_line([str(member)], capsys)
+    assert "holds neither model.pt nor checkpoint.pt" in line and "run-seed1" in line
 
 
 def _one_error_line(argv, capsys) -> str:
@@ -268,7 +373,7 @@ def test_evaluate_rejects_missing_corrupt_and_foreign_weights(tmp_path, mnist_di
     torch.save({"head.weight": torch.zeros(3, 3)}, model)
     assert "does not hold this run's dqn network" in _one_error_line([str(run_dir)], capsys)
     weights = torch.load(run_folder.checkpoint_path(run_dir), weights_only=True)["q_network"]
-    weights["head.weight"] = torch.zeros(5, 32)  # same keys, another shape
+    weights["head.kernel"] = torch.zeros(1, 32, 5)  # same keys, another shape
     torch.save(weights, model)
     assert "size mismatch" in _one_error_line([str(run_dir)], capsys)
     torch.save({"not": "tensors"}, model)

@@ -240,16 +240,20 @@ def test_redo_runs_on_sampled_replay_states(members):
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_cbp_runs_before_swr_so_swr_scales_the_corrected_network_exactly(members):
-    """Dead units replaced by CBP change nothing; SWR then scales the outputs by exactly Π c, per member."""
+    """Dead units replaced by CBP change nothing; SWR then scales the outputs by exactly Π c, per member.
+
+    CBP replaces 2 units per layer and member: dead ones in both hidden layers (2 and 7, or a
+    unit the init left dead), so the replacement is exact whichever member's draw it is."""
     model, _, _, interventions = _setup(members=members, cbp=True, cbp_replacement_rate=2 / 16, cbp_maturity=0,
                                         swr=0.3)
     with torch.no_grad():
-        weight_view(model.torso[1])[:, [2, 7]] = 0.0  # dead in every member
-        bias_view(model.torso[1])[:, [2, 7]] = -1.0
+        for layer in (model.torso[1], model.torso[4]):  # units 2 and 7 dead in both hidden layers, every member
+            weight_view(layer)[:, [2, 7]] = 0.0
+            bias_view(layer)[:, [2, 7]] = -1.0
         for p in model.parameters():
             p.mul_(2.0)
     x = torch.randn(members, 32, 6)
-    model(torch.randn(members, 64, 6))  # the training forward CBP reads (64 rows: no other unit silent)
+    model(torch.randn(members, 64, 6))  # the training forward CBP reads (64 rows: no live unit silent)
     with torch.no_grad():
         before = model(x)
     interventions.after_step(1)

@@ -220,11 +220,40 @@ def test_c51_projection_of_exact_atoms_keeps_all_mass():
 
 
 def test_c51_project_rejects_bad_shapes():
+    """next_probs [..., B, N] with N the atoms; rewards and dones exactly its leading dims [..., B]."""
     atoms = c51_atoms(-10.0, 10.0, 51)
     with pytest.raises(ValueError, match="next_probs"):
-        c51_project(torch.zeros(4, 6, 51), torch.zeros(4), torch.zeros(4), 0.99, atoms)
+        c51_project(torch.zeros(4, 6, 50), torch.zeros(4, 6), torch.zeros(4, 6), 0.99, atoms)  # 50 atoms, not 51
+    with pytest.raises(ValueError, match="next_probs"):
+        c51_project(torch.zeros(51), torch.zeros(()), torch.zeros(()), 0.99, atoms)  # no batch dim
     with pytest.raises(ValueError, match="rewards and dones"):
         c51_project(torch.zeros(4, 51), torch.zeros(4, 1), torch.zeros(4), 0.99, atoms)
+    with pytest.raises(ValueError, match="rewards and dones"):
+        c51_project(torch.zeros(4, 6, 51), torch.zeros(4), torch.zeros(4), 0.99, atoms)  # [M] for [M, B]
+    with pytest.raises(ValueError, match="rewards and dones"):
+        c51_project(torch.zeros(4, 6, 51), torch.zeros(4, 6), torch.zeros(6), 0.99, atoms)
+
+
+def test_population_losses_reduce_over_the_batch_only():
+    """[M, B, ...] inputs: member k's loss and projection are those of its own [B, ...] slice."""
+    torch.manual_seed(3)
+    members, batch = 3, 16
+    q, y = torch.randn(members, batch), torch.randn(members, batch) * 3
+    for kind in REGRESSION_LOSSES:
+        losses = regression_loss(kind, q, y)
+        assert losses.shape == (members,)
+        torch.testing.assert_close(losses, torch.stack([regression_loss(kind, q[k], y[k]) for k in range(members)]))
+    logits, target = torch.randn(members, batch, 51), torch.softmax(torch.randn(members, batch, 51), -1)
+    cross = categorical_cross_entropy(logits, target)
+    assert cross.shape == (members,) and c51_loss(logits, target).shape == (members,)
+    torch.testing.assert_close(cross, torch.stack([categorical_cross_entropy(logits[k], target[k])
+                                                   for k in range(members)]))
+    atoms = c51_atoms(-10.0, 10.0, 51)
+    rewards, dones = torch.randn(members, batch) * 5, (torch.rand(members, batch) < 0.3).float()
+    projected = c51_project(target, rewards, dones, 0.99, atoms)
+    assert projected.shape == (members, batch, 51)
+    for k in range(members):
+        torch.testing.assert_close(projected[k], c51_project(target[k], rewards[k], dones[k], 0.99, atoms))
 
 
 def test_c51_loss_is_negative_log_likelihood_and_keeps_gradients():

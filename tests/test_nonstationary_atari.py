@@ -6,6 +6,7 @@ import torch
 from ale_py.vector_env import AtariVectorEnv
 
 from envs.atari import ALEInterfaceVectorEnv, AtariEnv, env_seeds
+from envs.atari_population import AtariPopulation
 from envs.episode_stats import EpisodeStats
 from envs.nonstationary_atari import NonstationaryAtariEnv, task_seed
 from envs.replay_buffer import FrameStackReplayBuffer
@@ -232,33 +233,45 @@ def test_state_dict_resumes_the_schedule_exactly():
 # ----------------------------------------------------------------- integration
 def test_frame_stack_buffer_and_episode_stats_across_switches():
     """Sampled stacks equal the wrapper's observations across game switches with inverted and permuted frames,
-    and every episode (including the ones truncated by a switch) is logged once, under its game."""
-    switch = 30
-    env = NonstationaryAtariEnv("Breakout", num_envs=2, seed=0, switch_every=switch, sticky_actions=0.0,
-                                shifts=["games", "obs_invert", "obs_permutation"], games=["Pong"],
-                                max_episode_frames=100)
-    buffer = FrameStackReplayBuffer(2 * 200, (4, 84, 84), 2, seed=0)
-    stats = EpisodeStats(2)
+    and every episode (including the ones truncated by a switch) is logged once, under its game.
+
+    A population of two members (seeds 0 and 1, as two single runs build them): the buffer and the
+    episode statistics take ``[M, E, ...]`` tensors and each member samples only its own transitions."""
+    switch, members, num_envs = 30, 2, 2
+    env = AtariPopulation([NonstationaryAtariEnv("Breakout", num_envs=num_envs, seed=seed, switch_every=switch,
+                                                 sticky_actions=0.0, shifts=["games", "obs_invert", "obs_permutation"],
+                                                 games=["Pong"], max_episode_frames=100) for seed in range(members)])
+    buffer = FrameStackReplayBuffer(2 * 200, (4, 84, 84), num_envs, seeds=list(range(members)))
+    stats = EpisodeStats(num_envs, members=members)
     obs, _ = env.reset()
+    assert obs.shape == (members, num_envs, 4, 84, 84)
     recorded, logged = {}, []
-    for step, actions in enumerate(actions_for(18, 3 * switch + 5, 2)):
-        next_obs, reward, terminated, truncated, info = env.step(actions)
-        ids = step * 2 + torch.arange(2)
+    member_offset = 10**6  # transition ids: member * offset + step * num_envs + env
+    for step, actions in enumerate(actions_for(18, 3 * switch + 5, members * num_envs)):
+        next_obs, reward, terminated, truncated, info = env.step(actions.view(members, num_envs))
+        ids = (torch.arange(members)[:, None] * member_offset + step * num_envs + torch.arange(num_envs)[None])
         real = ~info["reset_step"]
         buffer.add(obs, ids, info["learn_reward"], next_obs, terminated, truncated, valid=real)
-        returns, lengths = stats.update(reward, info["game_over"], valid=real)
-        logged += [(info["game"], int(n)) for n in lengths.tolist()]
-        for e in range(2):
-            if real[e]:
-                recorded[step * 2 + e] = (obs[e].clone(), next_obs[e].clone())
+        returns, lengths, ended = stats.update(reward, info["game_over"], valid=real)
+        assert returns.shape == lengths.shape == ended.shape == (members, num_envs)
+        assert not lengths[~ended].any() and not returns[~ended].any()  # dense: 0 where nothing ended
+        logged += [(k, info["game"], int(lengths[k, e])) for k, e in ended.nonzero().tolist()]
+        for k in range(members):
+            for e in range(num_envs):
+                if real[k, e]:
+                    recorded[int(ids[k, e])] = (obs[k, e].clone(), next_obs[k, e].clone())
         obs = next_obs
     batch = buffer.sample(500)
-    for i, transition_id in enumerate(batch.actions.tolist()):
-        real_obs, real_next = recorded[transition_id]
-        assert torch.equal(batch.obs[i], real_obs) and torch.equal(batch.next_obs[i], real_next)
-    # 25-step episodes (the frame cap), then the 4- and 3-step remainders the switches truncate.
-    assert {game for game, _ in logged} == {"breakout", "pong"}
-    assert sorted({n for _, n in logged}) == [3, 4, 25]
+    assert batch.obs.shape == (members, 500, 4, 84, 84)
+    for k in range(members):
+        for i, transition_id in enumerate(batch.actions[k].tolist()):
+            assert transition_id // member_offset == k  # a member samples only its own transitions
+            real_obs, real_next = recorded[transition_id]
+            assert torch.equal(batch.obs[k, i], real_obs) and torch.equal(batch.next_obs[k, i], real_next)
+    for k in range(members):
+        # 25-step episodes (the frame cap), then the 4- and 3-step remainders the switches truncate.
+        assert {game for member, game, _ in logged if member == k} == {"breakout", "pong"}
+        assert sorted({n for member, _, n in logged if member == k}) == [3, 4, 25]
     env.close()
 
 

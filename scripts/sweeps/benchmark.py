@@ -1,11 +1,15 @@
 """Run a benchmark sweep: agents × env ids × variants × seeds, as local processes or Ray tasks.
 
-Each run is its own ``python agents/<agent>.py`` process, its output in
-``<sweep-dir>/logs/<run>.log``, its run folder in ``<sweep-dir>/runs/<run>``;
-``<sweep-dir>/manifest.json`` records the grid and every run's state as runs
-start and finish.  Re-running the same command finishes the grid: completed
-runs are skipped, interrupted runs resume from their checkpoint, runs without a
-checkpoint start again.  Usage (docs/scripts.md has more):
+The seeds of one (agent, env id, variant) are packed into population processes
+(``python agents/<agent>.py --seed s --num-seeds N``, spec populations.md §6) of at
+most ``--seeds-per-process`` consecutive seeds (default ``auto``: 16 for ImageMDP ids,
+1 for Atari; raise it on a GPU); with 1 every run is its own process.  Each process's
+output goes to ``<sweep-dir>/logs/<lead run>.log``; every run (population member) has
+its own run folder in ``<sweep-dir>/runs/<run>``; ``<sweep-dir>/manifest.json`` records
+the grid and every run's state as processes start and finish.  Re-running the same
+command finishes the grid: completed runs are skipped, interrupted runs (and
+populations, as one process) resume from their checkpoint, runs without a checkpoint
+start again.  Usage (docs/scripts.md has more):
 
     python scripts/sweeps/benchmark.py --agents dqn c51 --env-ids ImageMDP/mnist \\
         --variants baseline= ln_l2="--layer-norm --l2 1e-5" --num-seeds 3 \\
@@ -42,20 +46,33 @@ from agents.harness.run_folder import (  # noqa: E402
     RUNNING,
     STATUS_FILE,
     folder_state,
+    population_lead,
     read_status,
 )
 from scripts.sweeps.sweep import (  # noqa: E402
+    AUTO,
+    AUTO_SEEDS_PER_PROCESS_IMAGE_MDP,
+    AUTO_SEEDS_PER_PROCESS_OTHER,
+    ENDED,
+    FRESH,
+    LOGS_SUBDIR,
     PENDING,
     PROJECT_ROOT,
+    RESUME,
+    SKIP,
     SKIPPED,
     Manifest,
+    Process,
     RunSpec,
     Sweep,
     changed_definitions,
     clear_partial_run,
     load_sweep_file,
     make_sweep,
+    pack,
+    parse_seeds_per_process,
     parse_variant,
+    population_ended,
 )
 
 LOG_TAIL_LINES = 5
@@ -205,9 +222,27 @@ class RayBackend:
 # ---- the sweep loop ----
 
 def plan(sweep: Sweep, runs: list[RunSpec]) -> list[tuple[RunSpec, str]]:
-    """What each run needs: ``skip`` (completed), ``resume`` (checkpoint, not completed) or ``fresh``."""
-    actions = {COMPLETED: "skip", RESUMABLE: "resume", NEW: "fresh"}
-    return [(run, actions[folder_state(sweep.run_dir(run))]) for run in runs]
+    """What each run needs: ``skip`` (completed), ``resume`` (checkpoint -- its own or its population's, in the
+    lead folder -- not completed), ``fresh``, or ``ended`` (failed in a population that ran to its end)."""
+    actions = {COMPLETED: SKIP, RESUMABLE: RESUME, NEW: FRESH}
+    planned = []
+    for run in runs:
+        action = actions[folder_state(sweep.run_dir(run))]
+        if action == RESUME and population_ended(sweep.run_dir(run)):
+            action = ENDED
+        planned.append((run, action))
+    return planned
+
+
+def process_threads(members: int, threads_per_run: int, workers: int, processes: int) -> int:
+    """OMP/MKL threads of a local process training ``members`` runs (local backend).
+
+    The sweep's CPU budget is ``workers x threads_per_run`` threads, whatever the packing: a
+    single run gets ``threads_per_run`` (as without populations); a population gets one share per
+    member while there are fewer processes than workers to fill the budget, at most
+    ``members x threads_per_run`` (``workers // processes`` shares).
+    """
+    return threads_per_run * min(members, max(1, workers // max(processes, 1)))
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -227,74 +262,116 @@ def _outcome(sweep: Sweep, run: RunSpec, result: dict | None, error: str | None)
         return COMPLETED, ""
     if status is not None and status.interrupted:
         return PENDING, f"interrupted at step {status.global_step}; re-run the sweep to resume it"
+    if status is not None and status.failed and status.message and status.time >= result["started"]:
+        # written by this process: e.g. a population member whose loss went NaN while the others went on
+        return FAILED, (f"exit code {result['returncode']}: " if result["returncode"] else "") + status.message
     if result["returncode"] == 0:
         return FAILED, f"the agent exited with status 0 but its {STATUS_FILE} does not say {COMPLETED}"
     return FAILED, f"exit code {result['returncode']}"
 
 
+def _relative_log(process: Process) -> str:
+    return str(Path(LOGS_SUBDIR) / f"{process.lead}.log")
+
+
+def _population_field(process: Process) -> dict | None:
+    """The manifest's ``population`` of a run trained in a process of several runs (None for a single run)."""
+    if process.size == 1:
+        return None
+    return {"lead": process.lead, "runs": [run.name for run in process.runs], "num_seeds": process.size}
+
+
 def execute(sweep: Sweep, planned: list[tuple[RunSpec, str]], backend, manifest: Manifest, python: str,
-            env: dict[str, str]) -> dict[str, int]:
-    """Run every planned run that is not skipped, at most ``backend.max_in_flight`` at once; update the manifest."""
+            env: dict[str, str], processes: list[Process] | None = None, threads=None) -> dict[str, int]:
+    """Run every process of the plan, at most ``backend.max_in_flight`` at once; update the manifest per run.
+
+    ``processes``: the plan packed into processes (default: one per run, ``pack(..., 1)``);
+    ``threads(process)``: its OMP/MKL thread count (None: ``env`` as given).
+    """
     counts = {"completed": 0, "resumed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
-    queue = deque()
     for run, action in planned:
-        if action == "skip":
-            manifest.update(run.name, status=SKIPPED)
+        if action == SKIP:
+            lead = population_lead(sweep.run_dir(run)).name  # the log of the process that trained it
+            manifest.update(run.name, status=SKIPPED, log=str(Path(LOGS_SUBDIR) / f"{lead}.log"))
             counts["skipped"] += 1
-        else:
-            queue.append((run, action))
-    total = len(queue)
+        elif action == ENDED:
+            lead = population_lead(sweep.run_dir(run)).name
+            status = read_status(sweep.run_dir(run))
+            note = (f"failed in its population, which ran to its end ({status.message if status else ''}); "
+                    f"resuming cannot change it: delete {sweep.run_dir(run)} to run it again")
+            manifest.update(run.name, status=FAILED, note=note, log=str(Path(LOGS_SUBDIR) / f"{lead}.log"))
+            counts["failed"] += 1
+            print(f"[FAILED] {run.name}: {note}", flush=True)
+    if processes is None:
+        processes = pack(sweep, planned, 1)
+    queue = deque(processes)
+    total = sum(len(process.runs) for process in processes)
     in_flight: dict = {}
     finished = 0
     interrupted = False
     while queue or in_flight:
         try:
             while queue and not interrupted and len(in_flight) < backend.max_in_flight:
-                run, action = queue.popleft()
-                if action == "fresh" and clear_partial_run(sweep.run_dir(run)):
-                    print(f"note: removed {sweep.run_dir(run)} (no checkpoint to resume); starting it again")
-                command = sweep.command(run, python, resume=action == "resume")
-                manifest.update(run.name, status=RUNNING, action=action, command=command, returncode=None,
-                                wall_time_s=None, started=time.time(), finished=None, note="")
-                in_flight[backend.submit(command, sweep.log_path(run), PROJECT_ROOT, env)] = (run, action)
-                print(f"[start] {run.name} ({'resuming from its checkpoint' if action == 'resume' else 'fresh'})",
-                      flush=True)
+                process = queue.popleft()
+                if process.action == FRESH:
+                    for run in process.runs:
+                        if clear_partial_run(sweep.run_dir(run)):
+                            print(f"note: removed {sweep.run_dir(run)} (no checkpoint to resume); starting it again")
+                command = sweep.process_command(process, python)
+                names = [run.name for run in process.runs]
+                manifest.update_many(names, status=RUNNING, action=process.action, command=command,
+                                     log=_relative_log(process), population=_population_field(process),
+                                     returncode=None, wall_time_s=None, started=time.time(), finished=None, note="")
+                process_env = dict(env)
+                if threads is not None:
+                    count = threads(process)
+                    process_env.update(OMP_NUM_THREADS=str(count), MKL_NUM_THREADS=str(count))
+                handle = backend.submit(command, sweep.process_log_path(process), PROJECT_ROOT, process_env)
+                in_flight[handle] = process
+                how = "resuming from its checkpoint" if process.action == RESUME else "fresh"
+                if process.size == 1:
+                    print(f"[start] {process.runs[0].name} ({how})", flush=True)
+                else:
+                    print(f"[start] {process.describe()}, one process ({how}): {', '.join(names)}", flush=True)
             for handle in backend.wait(list(in_flight)):
-                run, action = in_flight.pop(handle)
+                process = in_flight.pop(handle)
                 result, error = None, None
                 try:
                     result = backend.result(handle)
                 except Exception as exc:  # a task that never ran or died with its worker
                     error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                state, note = _outcome(sweep, run, result, error)
-                fields = {"status": state, "note": note}
-                if result is not None:
-                    fields.update(returncode=result["returncode"], wall_time_s=round(result["wall_time_s"], 3),
-                                  started=result["started"], finished=result["finished"], host=result["host"])
-                manifest.update(run.name, **fields)
-                finished += 1
-                log = sweep.log_path(run)
-                if state == COMPLETED:
-                    counts["completed"] += 1
-                    counts["resumed"] += action == "resume"
-                    print(f"[done {finished}/{total}] {run.name} completed in {result['wall_time_s']:.1f} s",
-                          flush=True)
-                elif state == PENDING:
-                    counts["interrupted"] += 1
-                    print(f"[stopped {finished}/{total}] {run.name}: {note} (log: {log})", flush=True)
-                else:
-                    counts["failed"] += 1
-                    print(f"[FAILED {finished}/{total}] {run.name}: {note}; log: {log}\n{_log_tail(log)}", flush=True)
+                log = sweep.process_log_path(process)
+                for run in process.runs:  # each member's state from its own status.json
+                    state, note = _outcome(sweep, run, result, error)
+                    fields = {"status": state, "note": note}
+                    if result is not None:
+                        fields.update(returncode=result["returncode"], wall_time_s=round(result["wall_time_s"], 3),
+                                      started=result["started"], finished=result["finished"], host=result["host"])
+                    manifest.update(run.name, **fields)
+                    finished += 1
+                    if state == COMPLETED:
+                        counts["completed"] += 1
+                        counts["resumed"] += process.action == RESUME
+                        print(f"[done {finished}/{total}] {run.name} completed in {result['wall_time_s']:.1f} s"
+                              + ("" if process.size == 1 else f" (in a {process.describe()}; log: {log})"),
+                              flush=True)
+                    elif state == PENDING:
+                        counts["interrupted"] += 1
+                        print(f"[stopped {finished}/{total}] {run.name}: {note} (log: {log})", flush=True)
+                    else:
+                        counts["failed"] += 1
+                        print(f"[FAILED {finished}/{total}] {run.name}: {note}; log: {log}\n{_log_tail(log)}",
+                              flush=True)
         except KeyboardInterrupt:
             if interrupted:  # second Ctrl-C: stop the agents now (each still checkpoints on SIGTERM)
                 print("\nstopping the running agents", file=sys.stderr, flush=True)
                 backend.cancel(list(in_flight))
                 continue
             interrupted = True
-            for run, _action in queue:
-                manifest.update(run.name, status=PENDING)
+            for process in queue:
+                manifest.update_many([run.name for run in process.runs], status=PENDING)
             queue.clear()
-            print(f"\ninterrupted: no new runs start; waiting for {len(in_flight)} running run(s) to checkpoint "
+            print(f"\ninterrupted: no new runs start; waiting for {len(in_flight)} running process(es) to checkpoint "
                   "and stop (Ctrl-C again to stop them now). Re-run the same command to continue.",
                   file=sys.stderr, flush=True)
             if not isinstance(backend, LocalBackend):
@@ -335,17 +412,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--common", help='agent flags for every run, e.g. "--total-timesteps 100000"')
     parser.add_argument("--sweep-dir", help="folder for runs/, logs/ and manifest.json (with Ray: a path every "
                         "node sees)")
-    parser.add_argument("--workers", type=int, help="runs at once (default: one per CPU core locally; with Ray: "
-                        "as many as the cluster's resources allow)")
-    parser.add_argument("--threads-per-run", type=int, help="OMP/MKL threads of each run (default: cores / "
-                        "workers locally, --cpus-per-run with Ray)")
+    parser.add_argument("--seeds-per-process", metavar="K|auto",
+                        help="pack up to K consecutive seeds of one agent/env/variant into one population process "
+                        f"(--num-seeds); 1: a process per run. auto: {AUTO_SEEDS_PER_PROCESS_IMAGE_MDP} for ImageMDP "
+                        f"ids, {AUTO_SEEDS_PER_PROCESS_OTHER} for Atari -- CPU values (this script cannot see the "
+                        "device): on a GPU raise it, e.g. 128 for the image MDP, 8 for Atari (default: auto)")
+    parser.add_argument("--workers", type=int, help="agent processes at once, a population counting once (default: "
+                        "one per CPU core locally; with Ray: as many as the cluster's resources allow)")
+    parser.add_argument("--threads-per-run", type=int, help="OMP/MKL threads per run: a single run's process gets "
+                        "this many, a population's one share per member while fewer processes than --workers run, "
+                        "keeping workers x threads-per-run in all (default: cores / workers locally; with Ray: "
+                        "per process, else Ray's --cpus-per-run)")
     parser.add_argument("--backend", choices=("local", "ray"), help="where runs execute (default: local)")
     parser.add_argument("--ray-address", help="address of a running Ray cluster (HOST:PORT, or 'auto' on a node)")
-    parser.add_argument("--cpus-per-run", type=float, help="Ray: CPUs each run requests (default: 1)")
-    parser.add_argument("--gpus-per-run", type=float, help="Ray: GPUs each run requests (default: 0)")
+    parser.add_argument("--cpus-per-run", type=float, help="Ray: CPUs each process (a population counting once) "
+                        "requests (default: 1)")
+    parser.add_argument("--gpus-per-run", type=float, help="Ray: GPUs each process (a population counting once) "
+                        "requests (default: 0)")
     parser.add_argument("--python", help="interpreter for the runs (default: this one; the same path on Ray nodes)")
     parser.add_argument("--agent-dir", help="folder holding <agent>.py (default: this project's agents/)")
-    parser.add_argument("--dry-run", action="store_true", help="print the grid and what each run needs; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid, what each run needs and the "
+                        "processes (commands) that cover them; run nothing")
     return parser
 
 
@@ -355,6 +442,7 @@ def _settings(args: argparse.Namespace) -> dict:
     for key, value in vars(args).items():
         if key not in ("sweep_file", "dry_run") and value is not None:
             settings[key] = value
+    settings["seeds_per_process"] = parse_seeds_per_process(settings.get("seeds_per_process", AUTO))
     if isinstance(settings.get("variants"), list):
         variants = {}
         for text in settings["variants"]:
@@ -370,13 +458,40 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def _print_plan(sweep: Sweep, planned, python: str, backend: str, workers) -> None:
+def _seeds_per_process_text(setting) -> str:
+    if setting == AUTO:
+        return (f"auto ({AUTO_SEEDS_PER_PROCESS_IMAGE_MDP} for ImageMDP ids, {AUTO_SEEDS_PER_PROCESS_OTHER} for "
+                "other ids)")
+    return str(setting)
+
+
+def _print_plan(sweep: Sweep, planned, python: str, backend: str, workers, processes: list[Process] | None = None,
+                seeds_per_process=1) -> None:
+    """The grid in order: each run's action under the process (command) that covers it."""
+    if processes is None:
+        processes = pack(sweep, planned, 1)
     print(f"sweep folder: {sweep.sweep_dir}")
     print(f"{len(planned)} runs = {len(sweep.agents)} agents x {len(sweep.env_ids)} env ids x "
           f"{len(sweep.variants)} variants x {len(sweep.seeds)} seeds; backend {backend}, workers {workers}")
+    print(f"{len(processes)} process(es) to run, seeds per process {_seeds_per_process_text(seeds_per_process)}")
+    first_of = {process.runs[0].name: process for process in processes}
+    in_process = {run.name for process in processes for run in process.runs}
+    number = {id(process): index for index, process in enumerate(processes, 1)}
     for run, action in planned:
-        command = sweep.command(run, python, resume=action == "resume")
-        print(f"  {action:6s} {run.name}\n         {shlex.join(command)}")
+        if run.name in first_of:
+            process = first_of[run.name]
+            command = sweep.process_command(process, python)
+            if process.size == 1:
+                print(f"  {action:6s} {run.name}\n         {shlex.join(command)}")
+                continue
+            print(f"  process {number[id(process)]}: {process.describe()}, log "
+                  f"{sweep.process_log_path(process).relative_to(sweep.sweep_dir)}")
+            for member in process.runs:
+                print(f"  {process.action:6s} {member.name}")
+            print(f"         {shlex.join(command)}")
+        elif run.name not in in_process:
+            print(f"  {action:6s} {run.name}" + ("  (failed in its population, which ran to its end; not re-run)"
+                                                  if action == ENDED else ""))
 
 
 def _acquire_lock(sweep_dir: Path):
@@ -419,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         python = settings.get("python") or sys.executable
         runs = sweep.runs()
         planned = plan(sweep, runs)
+        seeds_per_process = settings["seeds_per_process"]
+        processes = pack(sweep, planned, seeds_per_process)
         if args.dry_run:
-            _print_plan(sweep, planned, python, backend_name, workers or "as the cluster allows")
+            _print_plan(sweep, planned, python, backend_name, workers or "as the cluster allows", processes,
+                        seeds_per_process)
             return 0
         lock = _acquire_lock(sweep.sweep_dir)
         previous = Manifest.read(sweep.manifest_path)
@@ -430,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"sweep gives them (e.g. {changed[0]}); use a new --sweep-dir, or delete those run "
                              "folders to redo them")
         threads = settings.get("threads_per_run")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"--threads-per-run must be at least 1, got {threads}")
         if backend_name == "local":
             backend = LocalBackend(workers)
             threads = threads or max(1, cores // workers)
@@ -440,18 +560,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    # Unbuffered output so logs are live; one thread budget per run so parallel runs do not oversubscribe cores.
+    # Unbuffered output so logs are live; a thread budget per process so parallel runs do not oversubscribe cores.
     env = {"PYTHONUNBUFFERED": "1"}
-    if threads:
+    thread_count = None
+    if threads and backend_name == "local":
+        def thread_count(process: Process) -> int:
+            return process_threads(process.size, int(threads), workers, len(processes))
+    elif threads:  # Ray: per process, as --cpus-per-run
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     manifest = Manifest(sweep, runs)
     manifest.adopt_previous(previous)
     manifest.write()
-    print(f"sweep {sweep.sweep_dir}: {len(runs)} runs, {sum(a != 'skip' for _, a in planned)} to run "
-          f"({sum(a == 'resume' for _, a in planned)} to resume), backend {backend_name}", flush=True)
+    to_run = sum(len(process.runs) for process in processes)
+    print(f"sweep {sweep.sweep_dir}: {len(runs)} runs, {to_run} to run "
+          f"({sum(a == RESUME for _, a in planned)} to resume) in {len(processes)} process(es), "
+          f"backend {backend_name}", flush=True)
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid> acts as Ctrl-C
     try:
-        counts = execute(sweep, planned, backend, manifest, python, env)
+        counts = execute(sweep, planned, backend, manifest, python, env, processes, thread_count)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         backend.close()

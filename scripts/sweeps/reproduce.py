@@ -46,7 +46,7 @@ from scripts.analysis import plot, stats  # noqa: E402
 from scripts.analysis.groups import Group, group_runs  # noqa: E402
 from scripts.analysis.tbreader import RunData, load_runs  # noqa: E402
 from scripts.sweeps import benchmark  # noqa: E402
-from scripts.sweeps.sweep import MANIFEST_FILE, PROJECT_ROOT, Manifest  # noqa: E402
+from scripts.sweeps.sweep import MANIFEST_FILE, PROJECT_ROOT, Manifest, parse_seeds_per_process  # noqa: E402
 
 ENV_ID = "ImageMDP/mnist"
 AGENT = "dqn"
@@ -281,12 +281,17 @@ STUDIES: dict[str, Study] = {study.name: study for study in (LABEL_SHUFFLE, TARG
 # ---- running a study: one sweep through scripts/sweeps/benchmark.py ----
 
 def sweep_argv(study: Study, size: Size, seeds: list[int], sweep_dir: Path, workers: int, data_dir: str,
-               extra_flags: str = "") -> list[str]:
+               extra_flags: str = "", seeds_per_process: str | None = None) -> list[str]:
+    """benchmark.py's arguments; ``seeds_per_process`` None leaves its default (auto: an arm's seeds in one
+    population process on the image MDP)."""
     common = study.common_flags(size) + (f" --data-dir {shlex.quote(data_dir)}" if data_dir else "")
     common += f" {extra_flags}" if extra_flags else ""
-    return ["--agents", AGENT, "--env-ids", ENV_ID,
+    argv = ["--agents", AGENT, "--env-ids", ENV_ID,
             "--variants", *(f"{arm}={flags}" for arm, flags in study.arms.items()),
             "--seeds", *map(str, seeds), "--common", common, "--sweep-dir", str(sweep_dir), "--workers", str(workers)]
+    if seeds_per_process is not None:
+        argv += ["--seeds-per-process", str(seeds_per_process)]
+    return argv
 
 
 def run_sweep(argv: list[str], sweep_dir: Path) -> dict:
@@ -307,8 +312,13 @@ def run_sweep(argv: list[str], sweep_dir: Path) -> dict:
         timing["wall_s"] += wall
         timing["runs_executed"] += len(executed)
         timing["invocations"] += 1
+    # A population's members share one process: its wall time counts once.
+    process_walls = {(r.get("population") or {}).get("lead") or r.get("name"): r.get("wall_time_s") or 0.0
+                     for r in records}
     timing.update(runs_total=len(records), workers=int(argv[argv.index("--workers") + 1]),
-                  run_wall_s_sum=sum(r.get("wall_time_s") or 0.0 for r in records))
+                  run_wall_s_sum=sum(process_walls.values()), processes=len(process_walls),
+                  seeds_per_process=(argv[argv.index("--seeds-per-process") + 1]
+                                     if "--seeds-per-process" in argv else "auto"))
     timing_path.write_text(json.dumps(timing, indent=2))
     return timing
 
@@ -482,8 +492,10 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
              + (" **Smoke run** (CI size): the numbers mean nothing." if settings["smoke"] else ""), "",
              f"Command: `{settings['command']}`", ""]
     if timing:
-        lines += [f"Measured wall time of the sweep: {_minutes(timing['wall_s'])}, {timing['runs_executed']} runs "
-                  f"({timing['workers']} at a time); the runs' own wall "
+        packing = (f" in {timing['processes']} processes (seeds per process: {timing['seeds_per_process']})"
+                   if "processes" in timing else "")
+        lines += [f"Measured wall time of the sweep: {_minutes(timing['wall_s'])}, {timing['runs_executed']} runs"
+                  f"{packing} ({timing['workers']} processes at a time); the processes' own wall "
                   f"times sum to {_minutes(timing['run_wall_s_sum'])}.", ""]
     lines += ["## Set-up (chosen before the runs)", "",
               f"Every arm: `{settings['common']}`, seeds {', '.join(map(str, settings['seeds']))}.", "",
@@ -554,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="CI size: 2 seeds, 4 tasks of 160 env steps, 100 "
                         "images, a 32-32 MLP (checks the machinery, not the effect)")
     parser.add_argument("--num-seeds", type=int, help="seeds 1..N per arm (default: 3, smoke 2)")
-    parser.add_argument("--workers", type=int, default=2, help="runs at once")
+    parser.add_argument("--workers", type=int, default=2, help="agent processes at once (benchmark.py --workers)")
+    parser.add_argument("--seeds-per-process", metavar="K|auto", help="benchmark.py --seeds-per-process: up to K "
+                        "seeds of an arm in one population process (default: benchmark.py's auto, 16 on the image "
+                        "MDP, so each arm's seeds train together; 1: a process per run; on a GPU raise it)")
     parser.add_argument("--data-dir", help=f"MNIST folder (default: {DEFAULT_DATA_DIR} if present, else the "
                         "agents' default: $PLASTICITY_DATA or the cache)")
     parser.add_argument("--sweep-dir", help="where the runs go (default: runs/reproduce/<study>, smoke: "
@@ -578,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         study = STUDIES[args.study]
         if args.num_seeds is not None and args.num_seeds < 1:
             raise ValueError(f"--num-seeds must be at least 1, got {args.num_seeds}")
+        if args.seeds_per_process is not None:
+            parse_seeds_per_process(args.seeds_per_process)
         if not 0.0 < args.final_frac <= 0.5:
             raise ValueError(f"--final-frac must be in (0, 0.5] (growth compares it with mid-run), got {args.final_frac}")
         seeds = list(range(1, (args.num_seeds or (2 if args.smoke else 3)) + 1))
@@ -601,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"no runs in {sweep_dir}; run `python scripts/sweeps/reproduce.py {study.name}` "
                                         "first (without --analyze-only)")
         else:
-            run_sweep(sweep_argv(study, size, seeds, sweep_dir, args.workers, data_dir, extra), sweep_dir)
+            run_sweep(sweep_argv(study, size, seeds, sweep_dir, args.workers, data_dir, extra,
+                                 args.seeds_per_process), sweep_dir)
         timing_path = sweep_dir / TIMING_FILE
         if timing_path.exists():
             settings["timing"] = json.loads(timing_path.read_text())

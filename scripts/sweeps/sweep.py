@@ -10,6 +10,13 @@ a ``completed`` status) are resumed (spec agents.md "Outputs of one run").
 The variant name reaches the run's ``config.json`` as ``exp_name`` (the agents'
 ``--exp-name``), so ``scripts/analysis/plot.py --group-by variant`` works on any run
 folder without the manifest.
+
+Processes (spec populations.md §6): the runs still to do of one (agent, env id, variant)
+are packed into population processes (``--num-seeds N``) of at most ``seeds_per_process``
+consecutive seeds each (``pack``).  Member k of a population writes the run folder a
+single run of seed s+k would, so the grid, the names and the manifest stay per run; only
+the commands and logs are per process (one log per process, the lead's: its first member).
+An interrupted population resumes as one process, ``--resume <lead folder>``.
 """
 
 from __future__ import annotations
@@ -38,12 +45,24 @@ PENDING, SKIPPED = "pending", "skipped"
 RUN_STATES = (PENDING, RUNNING, COMPLETED, FAILED, SKIPPED)
 
 #: Flags the sweep sets itself; a variant or the common flags must not set them.
-SWEEP_OWNED_FLAGS = ("--env-id", "--seed", "--exp-name", "--runs-dir", "--run-name", "--resume")
+SWEEP_OWNED_FLAGS = ("--env-id", "--seed", "--num-seeds", "--exp-name", "--runs-dir", "--run-name", "--resume")
 
 #: Fields a sweep file may hold (the command-line flags of benchmark.py, with underscores).
 SWEEP_FILE_FIELDS = ("agents", "env_ids", "variants", "seeds", "num_seeds", "common", "sweep_dir", "workers",
                      "backend", "ray_address", "cpus_per_run", "gpus_per_run", "threads_per_run", "python",
-                     "agent_dir")
+                     "agent_dir", "seeds_per_process")
+
+#: ``seeds_per_process = "auto"``: seeds per population process by env family.  The sweep layer is
+#: torch-free and cannot see the device, so these are CPU values: on a CPU a small MLP's update is
+#: mostly interpreter overhead, which a population shares (ImageMDP ids: 16); an Atari run's time
+#: is in its emulators and Nature CNN, where a CPU population gains nothing (1).  On a GPU raise
+#: it: e.g. ``--seeds-per-process 128`` for the image MDP, 8 for Atari.
+AUTO = "auto"
+IMAGE_MDP_PREFIX = "ImageMDP/"
+AUTO_SEEDS_PER_PROCESS_IMAGE_MDP = 16
+AUTO_SEEDS_PER_PROCESS_OTHER = 1
+#: The ``--run-name`` placeholder the agents replace with each member's seed.
+SEED_PLACEHOLDER = "{seed}"
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")
 
@@ -118,14 +137,168 @@ class Sweep:
         return [python, script, "--env-id", run.env_id, "--seed", str(run.seed), "--exp-name", run.variant,
                 "--runs-dir", str(self.runs_dir), "--run-name", run.name, *run.flags]
 
+    def process_command(self, process: Process, python: str) -> list[str]:
+        """The command of one process: a single run's ``command`` for a one-run fresh start, a population
+        (``--seed s --num-seeds N --run-name <name with {seed}>``) for more, ``--resume <lead folder>`` to resume
+        (a population resumes as a whole from any member's folder; the agent takes the lead's)."""
+        first = process.runs[0]
+        script = str(self.agent_script(first.agent))
+        if process.action == RESUME:
+            return [python, script, "--resume", str(process.resume_dir)]
+        if len(process.runs) == 1:
+            return self.command(first, python, resume=False)
+        return [python, script, "--env-id", first.env_id, "--seed", str(first.seed),
+                "--num-seeds", str(len(process.runs)), "--exp-name", first.variant, "--runs-dir", str(self.runs_dir),
+                "--run-name", run_name(first.env_id, first.agent, first.variant, SEED_PLACEHOLDER), *first.flags]
+
+    def process_log_path(self, process: Process) -> Path:
+        """One log per process: the lead's (``logs/<lead run>.log``; a single run's own log)."""
+        return self.logs_dir / f"{process.lead}.log"
+
     def describe(self) -> dict:
         """The definition as JSON-able data (stored in the manifest)."""
         return {"agents": list(self.agents), "env_ids": list(self.env_ids), "variants": dict(self.variants),
                 "seeds": list(self.seeds), "common": self.common, "agent_dir": str(self.agent_dir)}
 
 
-def run_name(env_id: str, agent: str, variant: str, seed: int) -> str:
-    """``<env>__<agent>__<variant>__<seed>``, e.g. ``ImageMDP_mnist__dqn__ln_l2__1`` (no timestamp: re-runs find it)."""
+FRESH, RESUME, SKIP = "fresh", "resume", "skip"
+ENDED = "ended"
+"""a failed member of a population that ran to its end: resuming changes nothing (the checkpoint marks it failed)"""
+
+
+@dataclass(frozen=True)
+class Process:
+    """One agent process of a sweep: a fresh start of consecutive seeds, or the resume of a population."""
+
+    action: str
+    """``fresh`` or ``resume``"""
+    runs: tuple[RunSpec, ...]
+    """the grid's runs it trains, in seed order (a resumed population may train members outside the grid too)"""
+    resume_dir: Path | None = None
+    """the lead folder to ``--resume`` (resume only)"""
+    members: int = 0
+    """how many runs the process trains (0: ``len(runs)``); a resumed population's size from its config"""
+
+    @property
+    def lead(self) -> str:
+        """The name of its lead run (member 0, whose folder holds the checkpoint and whose log is the process's)."""
+        return self.resume_dir.name if self.resume_dir is not None else self.runs[0].name
+
+    @property
+    def size(self) -> int:
+        return self.members or len(self.runs)
+
+    def describe(self) -> str:
+        seeds = [run.seed for run in self.runs]
+        if self.size == 1:
+            return "1 run"
+        span = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+        return f"population of {self.size} ({span}{'' if self.size == len(seeds) else ' of this grid'})"
+
+
+def parse_seeds_per_process(value) -> int | str:
+    """``auto`` or a whole number >= 1 (from the command line, a string; from a sweep file, either)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        number = int(value)
+        if isinstance(value, bool) or number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"--seeds-per-process (seeds_per_process) must be a whole number >= 1 or {AUTO!r}, "
+                         f"got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"--seeds-per-process (seeds_per_process) must be at least 1 (1: one process per run, "
+                         f"as without populations) or {AUTO!r}, got {number}")
+    return number
+
+
+def seeds_per_process_for(env_id: str, setting: int | str) -> int:
+    """The largest population of ``env_id``'s runs: the setting, or by family for ``auto`` (see AUTO)."""
+    if setting != AUTO:
+        return int(setting)
+    return AUTO_SEEDS_PER_PROCESS_IMAGE_MDP if env_id.startswith(IMAGE_MDP_PREFIX) else AUTO_SEEDS_PER_PROCESS_OTHER
+
+
+def _tracks(flags: tuple[str, ...]) -> bool:
+    """Whether the flags turn on ``--track`` (W&B), which the agents allow for single-seed runs only."""
+    tracked = False
+    for token in flags:
+        flag, _, value = token.partition("=")
+        if flag == "--track":
+            tracked = value.lower() not in ("false", "0", "no") if value else True
+        elif flag == "--no-track":
+            tracked = False
+    return tracked
+
+
+def pack(sweep: Sweep, planned: list[tuple[RunSpec, str]], seeds_per_process: int | str) -> list[Process]:
+    """The processes that do the planned runs (``(run, fresh|resume|skip|ended)``), in grid order of their first run.
+
+    - ``resume``: one process per population, ``--resume <lead folder>`` (the population named in the run's
+      config.json; a single run is its own lead), whatever ``seeds_per_process`` is now;
+    - ``fresh``: per (agent, env id, variant), chunks of at most ``seeds_per_process_for(env_id, ...)``
+      consecutive seeds; a seed gap, or a run that is not fresh (completed, resumable), breaks a chunk.
+      Runs with ``--track`` start alone (the agents track single-seed runs only).
+
+    ``seeds_per_process = 1`` gives one process per run, each with the command ``Sweep.command`` gives.
+    """
+    order = {run.name: index for index, (run, _action) in enumerate(planned)}
+    processes: list[Process] = []
+    by_lead: dict[Path, list[RunSpec]] = {}
+    fresh: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for run, action in planned:
+        if action == RESUME:
+            by_lead.setdefault(run_folder.population_lead(sweep.run_dir(run)), []).append(run)
+        elif action == FRESH:
+            fresh.setdefault((run.agent, run.env_id, run.variant), []).append(run)
+    for lead, runs in by_lead.items():
+        runs.sort(key=lambda run: run.seed)
+        processes.append(Process(RESUME, tuple(runs), resume_dir=lead, members=_population_size(lead)))
+    for (_agent, env_id, _variant), runs in fresh.items():
+        runs.sort(key=lambda run: run.seed)
+        limit = 1 if _tracks(runs[0].flags) else seeds_per_process_for(env_id, seeds_per_process)
+        chunk: list[RunSpec] = []
+        for run in runs:
+            if chunk and (len(chunk) == limit or run.seed != chunk[-1].seed + 1):
+                processes.append(Process(FRESH, tuple(chunk)))
+                chunk = []
+            chunk.append(run)
+        processes.append(Process(FRESH, tuple(chunk)))
+    return sorted(processes, key=lambda process: min(order[run.name] for run in process.runs))
+
+
+def _population_size(lead: Path) -> int:
+    try:
+        population = (run_folder.read_config(lead, missing_ok=True) or {}).get("population") or {}
+        return int(population.get("num_seeds", 1))
+    except (ValueError, TypeError, AttributeError):
+        return 1
+
+
+def population_ended(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a member of a population (of more than one seed) that ran to its end.
+
+    Every member takes the same env steps, so one completed member means the population's last
+    checkpoint is its final one; a member that is not completed there failed (NaN/inf) and stays
+    failed on resume.  (A single failed run is resumed from its last good checkpoint, as before.)
+    """
+    try:
+        population = (run_folder.read_config(run_dir, missing_ok=True) or {}).get("population")
+    except ValueError:
+        return False
+    if not isinstance(population, dict) or int(population.get("num_seeds", 1) or 1) < 2:
+        return False
+    members = population.get("members") or []
+    return any((status := run_folder.read_status(Path(run_dir).parent / str(name))) is not None and status.completed
+               for name in members)
+
+
+def run_name(env_id: str, agent: str, variant: str, seed: int | str) -> str:
+    """``<env>__<agent>__<variant>__<seed>``, e.g. ``ImageMDP_mnist__dqn__ln_l2__1`` (no timestamp: re-runs find it).
+
+    ``seed`` may be ``SEED_PLACEHOLDER``: the ``--run-name`` of a population, whose members substitute their seeds.
+    """
     return run_folder.run_name(env_id, agent, variant, seed)
 
 
@@ -253,7 +426,7 @@ class Manifest:
                        "run_dir": str(Path(RUNS_SUBDIR) / run.name),
                        "log": str(Path(LOGS_SUBDIR) / f"{run.name}.log"),
                        "status": PENDING, "action": None, "returncode": None, "wall_time_s": None,
-                       "started": None, "finished": None}
+                       "started": None, "finished": None, "population": None}
             for run in runs
         }
 
@@ -275,15 +448,20 @@ class Manifest:
             record = self.records.get(old.get("name"))
             if record is None:
                 continue
-            for key in ("action", "returncode", "wall_time_s", "started", "finished"):
+            for key in ("action", "returncode", "wall_time_s", "started", "finished", "population"):
                 record[key] = old.get(key)
             record["previous_status"] = old.get("status")
 
     def update(self, name: str, **fields) -> None:
+        self.update_many([name], **fields)
+
+    def update_many(self, names, **fields) -> None:
+        """The same fields for several runs (a population's members), written once."""
         unknown_state = fields.get("status") not in (None, *RUN_STATES)
         if unknown_state:
             raise ValueError(f"unknown run state {fields['status']!r}; one of {RUN_STATES}")
-        self.records[name].update(fields)
+        for name in names:
+            self.records[name].update(fields)
         self.write()
 
     def write(self) -> None:
