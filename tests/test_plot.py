@@ -221,6 +221,16 @@ def test_grouping_refuses_mixed_configurations_and_names_the_fields():
         group_runs(runs, ["lr"])
 
 
+def test_population_members_group_with_single_runs_of_the_same_variant():
+    """A member's config.json names its population; which process trained a seed is not a difference."""
+    population = {"seed": 1, "num_seeds": 2, "member": 0, "lead": "a", "members": ["a", "b"]}
+    runs = [_run("a", seed=1, num_seeds=1, population=population),
+            _run("b", seed=2, num_seeds=1, population={**population, "member": 1}),
+            _run("c", seed=3, num_seeds=1)]
+    groups = group_runs(runs, ["variant"])
+    assert [[r.name for r in g.runs] for g in groups] == [["a", "b", "c"]]
+
+
 # ---- Atari reference scores ----
 
 def test_reference_table_and_normalisation():

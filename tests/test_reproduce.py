@@ -111,6 +111,16 @@ def test_bad_input_gives_one_clear_error(tmp_path, capsys):
     assert "no runs in" in capsys.readouterr().err
     assert reproduce.main(["cbp", "--num-seeds", "0"]) == 2
     assert "--num-seeds must be at least 1" in capsys.readouterr().err
+    assert reproduce.main(["cbp", "--smoke", "--seeds-per-process", "0", "--sweep-dir", str(tmp_path)]) == 2
+    assert "--seeds-per-process (seeds_per_process) must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_the_sweep_passes_seeds_per_process_to_benchmark(tmp_path):
+    study, seeds = reproduce.STUDIES["cbp"], [1, 2, 3]
+    argv = reproduce.sweep_argv(study, reproduce.SMOKE_SIZE, seeds, tmp_path, 2, "", seeds_per_process="1")
+    assert argv[-2:] == ["--seeds-per-process", "1"]
+    assert "--seeds-per-process" not in reproduce.sweep_argv(study, reproduce.SMOKE_SIZE, seeds, tmp_path, 2, "")
 
 
 # ---- a smoke run of every study, checked against the event files ----
@@ -136,6 +146,10 @@ def test_smoke_study_writes_figures_and_a_summary_from_the_event_files(name, tmp
         assert f"| {arm} |" in page
         assert summary["arms"][arm]["runs"] == 2 and summary["arms"][arm]["tasks"] == [4]
     assert summary["settings"]["timing"]["runs_executed"] == 2 * len(study.arms)
+    # benchmark.py's default packing: each arm's two seeds trained as one population process.
+    assert summary["settings"]["timing"]["processes"] == len(study.arms)
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert all(record["population"]["num_seeds"] == 2 for record in manifest["runs"])
     assert len(summary["expectations"]) >= len(study.expectations)
 
     # Recompute two numbers of one arm independently: the slope (np.polyfit) and a diagnostic's final window.

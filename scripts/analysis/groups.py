@@ -23,6 +23,7 @@ FIELD_ALIASES = {"variant": "exp_name"}
 BOOKKEEPING_FIELDS = frozenset({
     "seed", "run_name", "exp_name", "runs_dir", "resume", "data_dir", "checkpoint_every", "checkpoint_buffer",
     "cuda", "buffer_device", "torch_deterministic",
+    "population", "num_seeds",  # a population member is its single run; which process trained it is bookkeeping
 })
 
 

@@ -4,6 +4,10 @@
                                                          # figures + summary into docs/results/label-shuffle/
     python scripts/sweeps/reproduce.py cbp --smoke --workers 2  # 2 seeds, a few hundred steps (what CI runs)
     python scripts/sweeps/reproduce.py swr --analyze-only       # figures and summary again from the finished sweep
+    python scripts/sweeps/reproduce.py cbp --seeds-per-process 128  # on a GPU: an arm's seeds in one process
+
+The seeds of each arm train as one population process (benchmark.py's ``--seeds-per-process``, default
+``auto``: up to 16 on the image MDP); ``--seeds-per-process 1`` runs one process per seed.
 
 Each study is a row of ``STUDIES``: its arms (sweep variants), its flags and size, the reasons for
 them, and the paper's expected direction as comparisons between arms.  Everything else is reused:
@@ -439,7 +443,7 @@ def summarize(study: Study, runs: list[RunData], final_frac: float, reps: int, c
 
 
 def ordered_groups(study: Study, runs: list[RunData]) -> list[Group]:
-    groups = group_runs(runs, ["variant"])
+    groups = group_runs(runs, ["variant"])  # the population a member trained in is bookkeeping (groups.py)
     unknown = [g.values["variant"] for g in groups if g.values["variant"] not in study.arms]
     if unknown:
         raise ValueError(f"runs of arms {', '.join(unknown)} are not arms of study {study.name} "
