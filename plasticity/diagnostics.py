@@ -335,8 +335,12 @@ class Diagnostics:
         logs the mean over the updates since the previous event.  One norm per
         parameter tensor (reduced over all dims but the member dim), no loop over members.
         """
-        norms = [_per_member_norm(p.grad.detach(), self._is_member_param(name), self.members)
-                 for name, p in self.model.named_parameters() if p.grad is not None]
+        grads = [(name, p.grad.detach()) for name, p in self.model.named_parameters() if p.grad is not None]
+        if self.members == 1:  # one member: a parameter's norm is its member's (one foreach kernel)
+            norms = list(torch._foreach_norm([grad for _, grad in grads])) if grads else []
+            norms = [norm.reshape(1) for norm in norms]
+        else:
+            norms = [_per_member_norm(grad, self._is_member_param(name), self.members) for name, grad in grads]
         if not norms:
             raise ValueError("record_grad_norm: no parameter has a gradient; call it after loss.backward() "
                              "and before optimizer.zero_grad()")

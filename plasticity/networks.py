@@ -79,6 +79,10 @@ class Torso(nn.Sequential):
         self.channels_last = bool(convs) and convs[0].members == 1
         for conv in convs:
             conv.channels_last = self.channels_last
+            if self.channels_last:  # stored channels-last, so no forward copies the kernel into that layout
+                with torch.no_grad():
+                    conv.weight.data = conv.weight.data.squeeze(0).contiguous(
+                        memory_format=torch.channels_last).unsqueeze(0)
 
     def use_default_layout_(self) -> Torso:
         """Keep inputs in the default (NCHW) layout from now on, in place.
@@ -90,6 +94,7 @@ class Torso(nn.Sequential):
         for module in self:
             if isinstance(module, MemberConv2d):
                 module.channels_last = False
+                module.weight.data = module.weight.data.contiguous()
         return self
 
     def scale_pixels(self, x: torch.Tensor) -> torch.Tensor:

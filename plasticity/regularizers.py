@@ -24,7 +24,7 @@ from plasticity.population import MEMBER_WEIGHT_LAYERS, members_of, weight_param
 def regularized_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Weights and biases of every Linear/Conv2d of ``model`` (member layers too), in registration order.
 
-    No norm layers.  A member layer's weight is its ``weight_param`` (``MemberLinear.kernel``).
+    No norm layers.  A member layer's weight is its ``weight_param`` (its ``weight``).
     """
     params = [p for module in model.modules() if isinstance(module, WEIGHT_LAYERS)
               for p in (weight_param(module), module.bias) if p is not None]

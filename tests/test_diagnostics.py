@@ -303,7 +303,7 @@ def test_q_stats_of_a_categorical_head_use_the_expected_value(reshape):
     support = torch.linspace(-10.0, 10.0, 51)
     model = mlp_network(n_atoms=51, reshape=reshape)
     with torch.no_grad():
-        model.head.kernel.mul_(20.0)  # peaked distributions, so the expected value is far from the mean atom
+        model.head.weight.mul_(20.0)  # peaked distributions, so the expected value is far from the mean atom
     obs = probe_obs()
     result = measured(Diagnostics(model, support=support, n_actions=N_ACTIONS), obs)
     with torch.no_grad():
@@ -413,7 +413,7 @@ def test_measure_falls_back_when_the_svd_silently_returns_nan(monkeypatch):
 def test_diverged_network_logs_nan_instead_of_raising():
     model = mlp_network()
     with torch.no_grad():
-        model.torso[4].kernel[0, 0, 0] = float("nan")
+        model.torso[4].weight[0, 0, 0] = float("nan")
     result = measured(Diagnostics(model), probe_obs())
     for name in SPECTRAL_TAGS:
         assert math.isnan(result[tag(name)]), name

@@ -373,7 +373,7 @@ def test_evaluate_rejects_missing_corrupt_and_foreign_weights(tmp_path, mnist_di
     torch.save({"head.weight": torch.zeros(3, 3)}, model)
     assert "does not hold this run's dqn network" in _one_error_line([str(run_dir)], capsys)
     weights = torch.load(run_folder.checkpoint_path(run_dir), weights_only=True)["q_network"]
-    weights["head.kernel"] = torch.zeros(1, 32, 5)  # same keys, another shape
+    weights["head.weight"] = torch.zeros(1, 7, 3)  # same keys, another shape
     torch.save(weights, model)
     assert "size mismatch" in _one_error_line([str(run_dir)], capsys)
     torch.save({"not": "tensors"}, model)

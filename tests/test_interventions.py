@@ -61,7 +61,7 @@ def _sample_obs(generator, members):
 
 def _linear_params(model):
     """Weights and biases of the member linear layers, in registration order (no norm layers)."""
-    return [p for m in model.modules() if isinstance(m, MemberLinear) for p in (m.kernel, m.bias)]
+    return [p for m in model.modules() if isinstance(m, MemberLinear) for p in (m.weight, m.bias)]
 
 
 def test_defaults_do_nothing():
@@ -89,7 +89,7 @@ def test_enabled_names_and_scalars_are_device_tensors(members):
     assert set(scalars) == {"plasticity/l2_penalty", "plasticity/l2_init_penalty", "plasticity/swr_scale",
                             "plasticity/cbp_replacements", "plasticity/redo_resets",
                             "plasticity/snp_applications", "plasticity/head_resets"}
-    assert all(torch.is_tensor(v) and v.shape == (members,) and v.device == model.head.kernel.device
+    assert all(torch.is_tensor(v) and v.shape == (members,) and v.device == model.head.weight.device
                for v in scalars.values())
 
 
@@ -192,7 +192,7 @@ def test_periodic_methods_fire_when_a_multiple_is_crossed():
             fired_snp.append(step)
         if interventions.methods["reset_head"].events.count.item() > head_before:
             fired_head.append(step)
-            assert torch.equal(target.head.kernel, model.head.kernel)
+            assert torch.equal(target.head.weight, model.head.weight)
     assert fired_snp == [12, 20, 32, 40]
     assert fired_head == [8, 16, 24, 32, 40]
     assert interventions.scalars()["plasticity/snp_applications"].tolist() == [4]
@@ -208,7 +208,7 @@ def test_task_switch_methods(members):
     interventions.on_task_switch()
     # Every member of every parameter moved (each member its own fresh draw).
     assert all(not torch.equal(p[k], b[k]) for p, b in zip(model.parameters(), before) for k in range(members))
-    assert torch.equal(target.head.kernel, model.head.kernel) and torch.equal(target.head.bias, model.head.bias)
+    assert torch.equal(target.head.weight, model.head.weight) and torch.equal(target.head.bias, model.head.bias)
     assert interventions.methods["snp"].events.count.tolist() == [1] * members
     assert interventions.methods["reset_head"].events.count.tolist() == [1] * members
 
@@ -327,7 +327,7 @@ def test_every_reset_keeps_parameters_in_the_optimiser(members):
     assert all(a is b for a, b in zip(model.parameters(), params))
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in model.parameters()}
-    assert all(weight_param(m) is m.kernel for m in model.modules() if isinstance(m, MemberLinear))
+    assert all(weight_param(m) is m.weight for m in model.modules() if isinstance(m, MemberLinear))
 
 
 @pytest.mark.parametrize("kwargs, match", [

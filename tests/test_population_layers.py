@@ -69,7 +69,7 @@ def test_member_linear_equals_nn_linear_per_member():
     for k in range(3):
         reference = nn.Linear(7, 5)
         with torch.no_grad():
-            reference.weight.copy_(layer.kernel[k].T)
+            reference.weight.copy_(layer.weight[k])
             reference.bias.copy_(layer.bias[k])
         references.append(reference)
     _check_members_equal_reference(layer, references, _seeded(3, 4, 7))
@@ -81,10 +81,10 @@ def test_member_linear_without_bias():
     x = _seeded(2, 4, 6)
     out = layer(x)
     for k in range(2):
-        torch.testing.assert_close(out[k], x[k] @ layer.kernel[k])
+        torch.testing.assert_close(out[k], x[k] @ layer.weight[k].T)
     single = MemberLinear(1, 6, 3, bias=False)
     with torch.no_grad():
-        single.kernel.copy_(layer.kernel[1:])
+        single.weight.copy_(layer.weight[1:])
     torch.testing.assert_close(single(x[1:]), out[1:])
 
 
@@ -177,7 +177,7 @@ def test_member_k_of_a_population_is_the_single_network_of_seed_k(name, layer_no
         for (n, theirs), mine in zip(population.named_parameters(), single.parameters(), strict=True):
             assert mine.shape == (1, *theirs.shape[1:])
             assert torch.equal(theirs[k], mine[0]), f"{n} of member {k}"
-    head = population[1].kernel
+    head = population[1].weight
     assert not torch.equal(head[0], head[1]) and not torch.equal(head[1], head[2])  # members differ
 
 
@@ -186,7 +186,7 @@ def test_generators_are_optional_and_checked():
     a = MemberLinear(2, 4, 3)
     torch.manual_seed(0)
     b = MemberLinear(2, 4, 3)
-    assert torch.equal(a.kernel, b.kernel)  # None: the global generator, as nn.Linear
+    assert torch.equal(a.weight, b.weight)  # None: the global generator, as nn.Linear
     with pytest.raises(ValueError, match="one generator per member"):
         MemberLinear(3, 4, 3, generators=init_generators([1, 2]))
     with pytest.raises(ValueError, match="one generator per member"):
@@ -201,7 +201,7 @@ def test_member_linear_init_is_nn_linear_default_init(in_features, out_features)
     torch.manual_seed(11)
     reference = nn.Linear(in_features, out_features)
     layer = MemberLinear(1, in_features, out_features, generators=init_generators([11]))
-    assert torch.equal(layer.kernel[0], reference.weight.T) and torch.equal(layer.bias[0], reference.bias)
+    assert torch.equal(layer.weight[0], reference.weight) and torch.equal(layer.bias[0], reference.bias)
     assert torch.equal(weight_view(layer)[0], reference.weight)
     bound = 1 / math.sqrt(in_features)
     weight = weight_view(layer)
@@ -249,7 +249,7 @@ def test_member_views_are_views_of_the_parameters(make, weight_shape, bias_shape
     view, bias = weight_view(layer), bias_view(layer)
     assert tuple(view.shape) == weight_shape and tuple(bias.shape) == bias_shape
     parameter = weight_param(layer)
-    assert parameter is (layer.kernel if isinstance(layer, MemberLinear) else layer.weight)
+    assert parameter is layer.weight
     assert members_of(layer) == weight_shape[0]
     with torch.no_grad():
         view[-1, 1].fill_(7.0)  # member M-1, output unit 1
@@ -273,7 +273,7 @@ def test_member_linear_view_rows_are_output_units():
     out = layer(x)
     torch.testing.assert_close(out[1, 0] - layer.bias[1], weight_view(layer)[1, :, 2])
     out[1, 0, 0].backward()  # output unit 0 of member 1
-    grad = as_weight_view(layer, layer.kernel.grad)
+    grad = as_weight_view(layer, layer.weight.grad)
     expected = torch.zeros(2, 3, 4)
     expected[1, 0, 2] = 1.0
     assert torch.equal(grad, expected)

@@ -447,7 +447,7 @@ def plain_copy(member_model: nn.Sequential, layer_norm: bool) -> nn.Sequential:
         source = torso[index]
         linear = nn.Linear(source.in_features, source.out_features)
         with torch.no_grad():
-            linear.weight.copy_(source.kernel[0].T)
+            linear.weight.copy_(source.weight[0])
             linear.bias.copy_(source.bias[0])
         norm = nn.LayerNorm(source.out_features) if layer_norm else nn.Identity()
         if layer_norm:
@@ -457,7 +457,7 @@ def plain_copy(member_model: nn.Sequential, layer_norm: bool) -> nn.Sequential:
         layers += [linear, norm, nn.ReLU()]
     out = nn.Linear(head.in_features, head.out_features)
     with torch.no_grad():
-        out.weight.copy_(head.kernel[0].T)
+        out.weight.copy_(head.weight[0])
         out.bias.copy_(head.bias[0])
     return nn.Sequential(nn.Sequential(*layers), out)
 

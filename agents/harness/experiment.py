@@ -131,9 +131,9 @@ def epsilon_greedy(q_values: torch.Tensor, epsilon: float, random: MemberRandom)
     ``q_values [M, E, actions]``; member k's draws come from its own stream of ``random``.
     """
     _members, num_envs, num_actions = q_values.shape
-    device = q_values.device
-    random_actions = random.integers(num_actions, num_envs).to(device)
-    explore = random.uniform(num_envs).to(device) < epsilon
+    draws = random.uniform(2, num_envs).to(q_values.device)  # one request: [M, 2, E]
+    explore = draws[:, 0] < epsilon
+    random_actions = (draws[:, 1] * num_actions).long()
     return torch.where(explore, random_actions, q_values.argmax(dim=2))
 
 

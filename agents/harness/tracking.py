@@ -267,8 +267,8 @@ class Tracker:
         Entries where ``ended`` is False are ignored.  ``group`` (e.g. the current Atari game)
         adds ``charts/episodic_return/<group>``.
         """
-        if returns.numel() == 0:
-            return
+        if returns.numel() == 0 or (ended.device.type == "cpu" and not bool(ended.any())):
+            return  # most steps end no episode; on the CPU asking costs no device sync
         rows, device = self.num_members, self.device
         self._episodes.append((step, group, _member_rows(returns, rows, device), _member_rows(lengths, rows, device),
                                _member_rows(ended, rows, device).bool()))
