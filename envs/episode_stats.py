@@ -36,6 +36,9 @@ class EpisodeStats:
         self.device = torch.device(device)
         self.returns = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         self.lengths = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+        # What a step that ends no episode returns on the CPU (shared: nobody writes into it).
+        self._nothing_ended = (torch.zeros_like(self.returns), torch.zeros_like(self.lengths),
+                               torch.zeros(self.shape, dtype=torch.bool, device=self.device))
 
     def update(self, rewards: torch.Tensor, ends: torch.Tensor, valid: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +49,8 @@ class EpisodeStats:
         episode, e.g. a NEXT_STEP reset step; it changes nothing, and it ends nothing).
         ``ended[m, e]``: env (m, e)'s episode ended at this step; there ``returns`` (float64)
         and ``lengths`` (int64) are that episode's, elsewhere 0.  Fresh tensors (later
-        updates do not change them); the running sums restart where an episode ended.
+        updates do not change them; on the CPU a step that ends nothing returns shared zeros);
+        the running sums restart where an episode ended.
         """
         if rewards.shape != self.shape or ends.shape != self.shape:
             raise ValueError(f"rewards and ends must have shape {self.shape} (members, num_envs), "
@@ -54,19 +58,21 @@ class EpisodeStats:
         rewards = rewards.to(self.device, torch.float64)
         ended = ends.to(self.device, torch.bool)
         if valid is None:
-            running_returns = self.returns + rewards
-            running_lengths = self.lengths + 1
+            self.returns += rewards
+            self.lengths += 1
         else:
             if valid.shape != self.shape:
                 raise ValueError(f"valid must have shape {self.shape}, got {tuple(valid.shape)}")
             valid = valid.to(self.device, torch.bool)
-            running_returns = self.returns + torch.where(valid, rewards, 0.0)
-            running_lengths = self.lengths + valid
+            self.returns += torch.where(valid, rewards, 0.0)
+            self.lengths += valid
             ended = ended & valid
-        returns = torch.where(ended, running_returns, 0.0)
-        lengths = torch.where(ended, running_lengths, 0)
-        self.returns = torch.where(ended, 0.0, running_returns)
-        self.lengths = torch.where(ended, 0, running_lengths)
+        if self.device.type == "cpu" and not bool(ended.any()):  # a free check on the host; most steps end nothing
+            return self._nothing_ended
+        returns = torch.where(ended, self.returns, 0.0)
+        lengths = torch.where(ended, self.lengths, 0)
+        self.returns.masked_fill_(ended, 0.0)
+        self.lengths.masked_fill_(ended, 0)
         return returns, lengths, ended
 
     def reset(self) -> None:

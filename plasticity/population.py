@@ -97,7 +97,8 @@ class MemberLinear(nn.Module):
         weight, bias = self.weight, self.bias
         if weight.shape[0] == 1:
             # squeeze, not [0]: indexing's backward writes a zero-filled copy of every weight gradient.
-            return F.linear(x.squeeze(0), weight.squeeze(0), None if bias is None else bias.squeeze(0)).unsqueeze(0)
+            # F.linear keeps the leading member dim of x itself.
+            return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
         return _BatchedLinear.apply(x, weight, bias)
 
     def extra_repr(self) -> str:
@@ -164,8 +165,7 @@ class MemberLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.shape[0] == 1:
-            return F.layer_norm(x.squeeze(0), self.normalized_shape, self.weight.squeeze(0), self.bias.squeeze(0),
-                                self.eps).unsqueeze(0)
+            return F.layer_norm(x, self.normalized_shape, self.weight.squeeze(0), self.bias.squeeze(0), self.eps)
         expand = (x.shape[0], 1, *self.normalized_shape)
         normed = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         return torch.addcmul(self.bias.view(expand), normed, self.weight.view(expand))
