@@ -131,10 +131,8 @@ def epsilon_greedy(q_values: torch.Tensor, epsilon: float, random: MemberRandom)
     ``q_values [M, E, actions]``; member k's draws come from its own stream of ``random``.
     """
     _members, num_envs, num_actions = q_values.shape
-    draws = random.uniform(2, num_envs).to(q_values.device)  # one request: [M, 2, E]
-    explore = draws[:, 0] < epsilon
-    random_actions = (draws[:, 1] * num_actions).long()
-    return torch.where(explore, random_actions, q_values.argmax(dim=2))
+    explore_draw, action_draw = random.uniform(2, num_envs).to(q_values.device).unbind(1)  # one request
+    return torch.where(explore_draw < epsilon, (action_draw * num_actions).long(), q_values.argmax(dim=2))
 
 
 def _saved_config(run_dir: Path, agent: str) -> dict:
