@@ -186,3 +186,12 @@ def test_resume_with_another_number_of_seeds_is_one_clear_error(tmp_path, mnist_
     lead = tmp_path / "run-seed1"
     with pytest.raises(ConfigError, match=r"population of 2 seed\(s\).*without --num-seeds"):
         dqn.main(dqn.Args(resume=str(lead), num_seeds=3))
+
+
+def test_a_bf16_population_trains_every_member(tmp_path, mnist_dir):
+    """--bf16 goes through the batched members' matmuls too: every member learns and logs its own losses."""
+    run_agent(population_args("dqn", tmp_path, mnist_dir, 1, 2, bf16=True, layer_norm=True))
+    losses = [read_scalars(run_dir)["losses/td_loss"] for run_dir in member_dirs(tmp_path, "run", [1, 2])]
+    assert all(math.isfinite(value) for series in losses for _, value in series)
+    assert [step for step, _ in losses[0]] == [step for step, _ in losses[1]]
+    assert [value for _, value in losses[0]] != [value for _, value in losses[1]]
