@@ -29,7 +29,6 @@ from torch import nn
 
 from plasticity.population import (
     CONV_LAYERS,
-    MEMBER_WEIGHT_LAYERS,
     NORM_LAYERS,
     WEIGHT_LAYERS,
     Generators,
@@ -38,6 +37,7 @@ from plasticity.population import (
     MemberLinear,
     bias_view,
     fan_in,
+    members_of,
     out_units,
     weight_view,
 )
@@ -68,13 +68,14 @@ class Torso(nn.Sequential):
     """An ``nn.Sequential`` of member layers that knows the width of its output (the features Φ).
 
     Inputs and outputs carry the member dimension: ``[M, batch, ...] -> [M, batch, out_features]``.
-    With one member, conv torsos run channels-last (oneDNN/cuDNN convolutions are faster in
-    that layout: a Nature-CNN DQN update ~14% on CPU).
+    With one member the layers inside run on ``[batch, ...]`` (a hook on one of them sees no member
+    dim; ``ActivationRecorder`` adds it back), and conv torsos run channels-last (oneDNN/cuDNN
+    convolutions are faster in that layout: a Nature-CNN DQN update ~14% on CPU).
     """
 
-    def __init__(self, *modules: nn.Module, out_features: int):
+    def __init__(self, *modules: nn.Module, out_features: int, members: int = 1):
         super().__init__(*modules)
-        self.out_features = out_features
+        self.out_features, self.members = out_features, members
         convs = [m for m in modules if isinstance(m, MemberConv2d)]
         self.channels_last = bool(convs) and convs[0].members == 1
         for conv in convs:
@@ -108,11 +109,19 @@ class Torso(nn.Sequential):
         return x.to(torch.float32, copy=True).div_(255.0)  # keeps the layout; never scales the caller's tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One member: the layers run on [B, ...] inside (the plain kernels, and no reshape of every
+        # layer's input in the graph: 13 fewer autograd nodes in an MNIST update); the member dim
+        # comes back at the output.
+        one = self.members == 1
+        if one:
+            x = x.squeeze(0)
         dtype = _torso_dtype.get()
         if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, dtype=dtype):
-            return super().forward(x).float()
+            out = super().forward(x)
+        else:
+            with torch.autocast(x.device.type, dtype=dtype):
+                out = super().forward(x).float()
+        return out.unsqueeze(0) if one else out
 
 
 def _block(layer: nn.Module, norm_shape: Sequence[int] | int | None, members: int) -> list[nn.Module]:
@@ -126,8 +135,8 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _flatten() -> nn.Flatten:
-    return nn.Flatten(start_dim=2)  # keeps [M, B]
+def _flatten(members: int) -> nn.Flatten:
+    return nn.Flatten(start_dim=1 if members == 1 else 2)  # keeps [B] (one member, see Torso) or [M, B]
 
 
 def nature_cnn(in_channels: int = 4, height: int = 84, width: int = 84, layer_norm: bool = False,
@@ -140,22 +149,22 @@ def nature_cnn(in_channels: int = 4, height: int = 84, width: int = 84, layer_no
         conv = MemberConv2d(members, channels, out_channels, kernel, stride, generators=generators)
         modules += _block(conv, [out_channels, h, w] if layer_norm else None, members)
         channels = out_channels
-    modules.append(_flatten())
+    modules.append(_flatten(members))
     modules += _block(MemberLinear(members, channels * h * w, 512, generators=generators),
                       512 if layer_norm else None, members)
-    return Torso(*modules, out_features=512)
+    return Torso(*modules, out_features=512, members=members)
 
 
 def mlp(obs_shape: Sequence[int], hidden_sizes: Sequence[int] = (256, 256), layer_norm: bool = False,
         members: int = 1, generators: Generators = None) -> Torso:
     """Flatten -> [Linear -> (LN) -> ReLU] x len(hidden_sizes)."""
-    modules: list[nn.Module] = [_flatten()]
+    modules: list[nn.Module] = [_flatten(members)]
     width = math.prod(obs_shape)
     for size in hidden_sizes:
         modules += _block(MemberLinear(members, width, size, generators=generators), size if layer_norm else None,
                           members)
         width = size
-    return Torso(*modules, out_features=width)
+    return Torso(*modules, out_features=width, members=members)
 
 
 def small_cnn(obs_shape: Sequence[int], layer_norm: bool = False, channels: Sequence[int] = (32, 64),
@@ -168,10 +177,10 @@ def small_cnn(obs_shape: Sequence[int], layer_norm: bool = False, channels: Sequ
         conv = MemberConv2d(members, in_channels, out_channels, 3, stride=2, padding=1, generators=generators)
         modules += _block(conv, [out_channels, h, w] if layer_norm else None, members)
         in_channels = out_channels
-    modules.append(_flatten())
+    modules.append(_flatten(members))
     modules += _block(MemberLinear(members, in_channels * h * w, hidden_size, generators=generators),
                       hidden_size if layer_norm else None, members)
-    return Torso(*modules, out_features=hidden_size)
+    return Torso(*modules, out_features=hidden_size, members=members)
 
 
 def default_network(obs_shape: Sequence[int]) -> str:
@@ -313,7 +322,9 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module, preactivations: bool = False, only_with_grad: bool = False):
         self.layers = hidden_layers(model)
-        self.members_first = any(isinstance(m, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm)) for m in model.modules())
+        # A population of several keeps [M, B, ...] everywhere; one member (an ordinary model, or a
+        # one-member torso, which runs its layers on [B, ...]) gets the member dim added here.
+        self.members_first = members_of(model) > 1
         self.only_with_grad = only_with_grad
         self.post: dict[str, torch.Tensor] = {}
         self.pre: dict[str, torch.Tensor] = {}

@@ -149,12 +149,13 @@ class MemberConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         members, batch = weight.shape[0], x.shape[1]
-        if members == 1:
-            inputs, (kernel, one_bias) = x.squeeze(0), _one_member(self, weight, bias)
+        if members == 1:  # [1, B, C, H, W], or [B, C, H, W] inside a one-member torso
+            inputs, (kernel, one_bias) = (x if x.dim() == 4 else x.squeeze(0)), _one_member(self, weight, bias)
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
                 kernel = kernel.contiguous(memory_format=torch.channels_last)
-            return F.conv2d(inputs, kernel, one_bias, self.stride, self.padding).unsqueeze(0)
+            out = F.conv2d(inputs, kernel, one_bias, self.stride, self.padding)
+            return out if x.dim() == 4 else out.unsqueeze(0)
         grouped = x.transpose(0, 1).reshape(batch, members * self.in_channels, *x.shape[3:])
         out = F.conv2d(grouped, weight.reshape(members * self.out_channels, *weight.shape[2:]), bias.reshape(-1),
                        self.stride, self.padding, groups=members)

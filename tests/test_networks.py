@@ -138,7 +138,10 @@ def test_layer_norm_preactivations_are_standardised(name, scale, members):
         pre = recorder.pre[hidden.name]
         assert pre.shape[:2] == (members, 8)
         standardised = ((pre - norm.bias.unsqueeze(1)) / norm.weight.unsqueeze(1)).flatten(2)
-        raw_variance = raw[hidden.layer].flatten(2).var(2, unbiased=False)
+        raw_out = raw[hidden.layer]
+        if members == 1:  # a one-member torso runs its layers on [B, ...]; the recorder adds the member dim
+            raw_out = raw_out.unsqueeze(0)
+        raw_variance = raw_out.flatten(2).var(2, unbiased=False)
         torch.testing.assert_close(standardised.mean(2), torch.zeros(members, 8), atol=1e-4, rtol=0)
         torch.testing.assert_close(standardised.var(2, unbiased=False), raw_variance / (raw_variance + norm.eps),
                                    atol=1e-4, rtol=1e-4)
@@ -214,8 +217,11 @@ def test_activation_recorder_keeps_only_training_forwards_of_its_own_model(membe
     target(other)  # the deep-copied target has its own modules: ignored
     for name, value in recorder.post.items():
         assert torch.equal(value, recorded[name])
-    expected = torch.relu(model.torso[1](model.torso[0](x)))
-    assert expected.shape == (members, 4, 256)  # member-first
+    # A one-member torso runs its layers on [B, ...] (Torso.forward takes the member dim off and back).
+    inputs = x.squeeze(0) if members == 1 else x
+    expected = torch.relu(model.torso[1](model.torso[0](inputs)))
+    expected = expected.unsqueeze(0) if members == 1 else expected
+    assert expected.shape == (members, 4, 256)  # member-first, as the recorder keeps it
     assert torch.equal(recorder.post["torso.1"], expected)
     recorder.remove()
     model(other)
