@@ -549,7 +549,7 @@ class ImageMDPVectorEnv(gymnasium.vector.VectorEnv):
         twin = copy.copy(self)
         twin.num_envs = int(num_envs)
         twin._batch_spaces()
-        twin._reseed([stream_seed(s, "evaluation") for s in self.seeds])  # placeholder: reset(seeds=...)
+        twin._reseed([stream_seed(s, "evaluation") for s in self.seeds])  # its own streams until reset(seeds=...)
         twin._frozen = True
         twin._needs_reset = True
         return twin

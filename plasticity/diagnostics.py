@@ -76,10 +76,9 @@ from torch import Tensor, nn
 
 from plasticity.networks import WEIGHT_LAYERS, ActivationRecorder, Torso, layer_map, reinit_
 from plasticity.population import (
-    MEMBER_WEIGHT_LAYERS,
     NORM_LAYERS,
     MemberConv2d,
-    MemberLayerNorm,
+    is_member_module,
     member_parameters,
     members_of,
     out_units,
@@ -113,9 +112,6 @@ PROBE_SEED_OFFSET = 0x9E3779B9  # keeps the probe's random teacher away from the
 _TINY = torch.finfo(torch.float32).tiny
 _NAN = float("nan")
 
-
-def _is_member(module: nn.Module) -> bool:
-    return isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm))
 
 
 def _member_dims(tensor: Tensor, member: bool) -> tuple[int, ...]:
@@ -257,7 +253,7 @@ class _MemberParams:
         for module_name, module in model.named_modules():
             for name, _ in module.named_parameters(recurse=False):
                 full = f"{module_name}.{name}" if module_name else name
-                member = _is_member(module)
+                member = is_member_module(module)
                 if members > 1 and not member:
                     raise ValueError(f"{who}: a population of {members} members has parameter {full} outside the "
                                      "member layers (plasticity.population): it would be shared by the members")
@@ -293,7 +289,7 @@ class Diagnostics:
         self.layers = layer_map(model)
         self.members = members_of(model)
         #: member-layer models take and return ``[M, n, ...]``; ordinary ones ``[n, ...]``
-        self.members_first = any(_is_member(m) for m in model.modules())
+        self.members_first = any(is_member_module(m) for m in model.modules())
         self._params = _MemberParams(model, self.members, "Diagnostics")
         head_width = out_units(self.layers.output)
         if support is not None:
@@ -454,7 +450,7 @@ class Diagnostics:
         for name, module in self.layers.ordered:
             if isinstance(module, WEIGHT_LAYERS):
                 weight = weight_param(module).detach()
-                scalars[f"{TAG_PREFIX}weight_norm/{name}"] = _per_member_norm(weight.float(), _is_member(module),
+                scalars[f"{TAG_PREFIX}weight_norm/{name}"] = _per_member_norm(weight.float(), is_member_module(module),
                                                                             members)
         self._move_initial_params()
         squares, abs_sums, drifts, initials = [], [], [], []

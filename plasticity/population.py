@@ -244,11 +244,6 @@ def members_of(model: nn.Module) -> int:
     return 1
 
 
-def member_shape(tensor: torch.Tensor, members: int) -> torch.Tensor:
-    """Reduce-ready view: ``[M, -1]`` of a member-view tensor (e.g. for per-member norms)."""
-    return tensor.reshape(members, -1)
-
-
 def member_parameters(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """Member ``index``'s parameters and buffers as a one-member population (``functional_call``-ready views).
 

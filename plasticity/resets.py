@@ -60,6 +60,7 @@ from plasticity.population import (
     as_weight_view,
     bias_view,
     fan_in,
+    is_member_module,
     members_of,
     weight_param,
     weight_view,
@@ -81,9 +82,6 @@ def check_random(model: nn.Module, random: Random) -> None:
                          "one stream per member")
 
 
-def _is_member_layer(layer: nn.Module) -> bool:
-    return isinstance(layer, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm))
-
 
 def _affine(norm: nn.Module | None) -> bool:
     return norm is not None and getattr(norm, "weight", None) is not None
@@ -97,7 +95,7 @@ def member_view(layer: nn.Module, param: torch.Tensor, tensor: torch.Tensor) -> 
     """
     if param is weight_param(layer):
         return as_weight_view(layer, tensor)
-    return tensor if _is_member_layer(layer) else tensor.unsqueeze(0)
+    return tensor if is_member_module(layer) else tensor.unsqueeze(0)
 
 
 def check_unit_norm(hidden: HiddenLayer) -> None:

@@ -58,13 +58,15 @@ from torch import nn
 from plasticity.flags import UNIT_INTERVAL, ranged
 from plasticity.intervention import EveryUpdate, MethodFlags, Parts, Setting
 from plasticity.networks import layer_map
-from plasticity.population import MEMBER_WEIGHT_LAYERS, NORM_LAYERS, MemberLayerNorm, members_of, weight_param
+from plasticity.population import (
+    NORM_LAYERS,
+    is_member_module,
+    members_of,
+    weight_param,
+)
 
 SWR_COEF = UNIT_INTERVAL  # λ of --swr and --swr-head
 
-
-def _is_member(module: nn.Module) -> bool:
-    return isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm))
 
 
 class SoftWeightRescaling:
@@ -101,7 +103,7 @@ class SoftWeightRescaling:
         bias_member: list[bool] = []
         start = 0
         for position, module in enumerate(ordered):
-            member = _is_member(module)
+            member = is_member_module(module)
             if not member and members > 1:
                 raise ValueError(f"a population of {members} members has an ordinary {type(module).__name__}: its "
                                  "parameters would be shared by the members; use the member layers of "
