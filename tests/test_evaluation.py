@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import c51, dqn
 from agents.harness import evaluation, experiment, run_folder, video
@@ -22,17 +21,11 @@ from agents.harness.evaluation import Evaluator
 from envs.atari_scores import human_normalized, reference_scores
 from envs.factory import make_env
 from scripts import evaluate
+from tests.test_agents import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = {"dqn": dqn, "c51": c51}
 needs_video = pytest.mark.skipif(not video.available(), reason='PyAV missing: pip install -e ".[video]"')
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
 
 
 def mdp_args(agent: str, runs_dir: Path, mnist_dir: Path, **overrides):
