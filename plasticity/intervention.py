@@ -33,6 +33,11 @@ def crossed(previous: int, step: int, every: int) -> bool:
 class Setting:
     """Facts about the run that some methods' flag rules depend on (not flags of the method itself)."""
 
+    learning_starts: int = 0
+    """env steps before learning starts: env-step schedules (``--reset-every``, optimiser resets) fire only after it"""
+    batch_size: int = 32
+    """the training batch size (C-CHAIN draws its reference batch of the same size)"""
+
     categorical: bool = False
     """the value head outputs logits over a support (C51, HL-Gauss, two-hot) rather than Q-values"""
     layer_norm: bool = False
@@ -62,19 +67,46 @@ class Intervention:
 
     ``name`` keys the method's state in a checkpoint.  Scalars are ``[M]`` device tensors,
     one value per member (the logger moves them to the host once per window).
+
+    The hooks in the order of one environment step (methods-v2.md §0):
+
+    - per gradient step: ``penalty`` (inside the loss), then ``after_update`` (right after
+      ``optimizer.step()``);
+    - per env step, after the target sync: ``after_env_step`` (optimiser reset on a sync,
+      layer/hare resets, injection), ``on_task_switch`` (when the task switched), then
+      ``end_env_step`` (optimiser reset "every N").
+
+    A hook that re-draws or resets parameters in a discrete event (not a per-update rescaling)
+    sets ``self.rewrote = True``; ``Interventions`` then calls every method's ``on_rewrite()``
+    (C-CHAIN refreshes its reference so the next churn loss does not pull the network back)
+    and clears the flag.
     """
 
     name = ""
+    rewrote = False
 
-    def penalty(self) -> torch.Tensor | None:
-        """A loss term with gradient (L2, L2-Init), or None."""
+    def penalty(self, td_loss: torch.Tensor | None = None, sample_obs: SampleObs | None = None) -> torch.Tensor | None:
+        """A loss term with gradient (L2, L2-Init, Parseval, C-CHAIN), or None.
+
+        ``td_loss``: this update's TD loss per member ``[M]`` (detached); ``sample_obs(n)``: ``n``
+        replay observations per member ``[M, n, ...]`` (C-CHAIN's reference batch).
+        """
         return None
 
     def after_update(self, previous: int, update: int, sample_obs: SampleObs | None) -> None:
         """Right after ``optimizer.step()``; ``(previous, update]`` are the updates since the last call."""
 
+    def after_env_step(self, previous_t: int, t: int, synced: bool, sample_obs: SampleObs | None) -> None:
+        """After the env step ``(previous_t, t]`` and its updates; ``synced``: the target was just synced."""
+
     def on_task_switch(self) -> None:
         """The environment switched tasks."""
+
+    def end_env_step(self, previous_t: int, t: int) -> None:
+        """Last event of the env step (after the task-switch events)."""
+
+    def on_rewrite(self) -> None:
+        """Another method just rewrote parameters in a discrete event (a reset, an injection)."""
 
     def scalars(self) -> dict[str, torch.Tensor]:
         return {}

@@ -23,7 +23,7 @@ draw from one generator seeded from the run seed (never the seed itself, pitfall
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 
 from plasticity.cbp import CBPFlags
 from plasticity.flags import check_ranges
-from plasticity.intervention import Intervention, MethodFlags, Parts, Setting
+from plasticity.intervention import Intervention, MethodFlags, Parts, SampleObs, Setting
 from plasticity.population import members_of
 from plasticity.regularizers import L2Flags, L2InitFlags
 from plasticity.resets import HeadResetFlags, ReDoFlags, SnPFlags
@@ -108,23 +108,54 @@ class Interventions:
     def active(self) -> bool:
         return bool(self.methods)
 
-    def penalty(self) -> torch.Tensor:
-        """The sum of the enabled penalties as a 0-dim tensor with gradient; 0 when none is on."""
+    def penalty(self, td_loss: torch.Tensor | None = None, sample_obs: SampleObs | None = None) -> torch.Tensor:
+        """The sum of the enabled penalties as a 0-dim tensor with gradient; 0 when none is on.
+
+        ``td_loss [M]``: the update's TD loss per member (C-CHAIN's automatic coefficient);
+        ``sample_obs(n)``: replay observations (C-CHAIN's reference batch, drawn after the TD batch).
+        """
         total = self._zero
+        td_loss = td_loss.detach() if td_loss is not None else None
         for method in self._penalties:
-            total = total + method.penalty()
+            total = total + method.penalty(td_loss, sample_obs)
         return total
 
-    def after_step(self, step: int, sample_obs: Callable[[int], torch.Tensor] | None = None) -> None:
+    def _after_rewrites(self) -> None:
+        """Tell every method when one of them rewrote parameters in a discrete event (C-CHAIN's refresh)."""
+        if any(method.rewrote for method in self.methods.values()):
+            for method in self.methods.values():
+                method.rewrote = False
+            for method in self.methods.values():
+                method.on_rewrite()
+
+    def after_step(self, step: int, sample_obs: SampleObs | None = None) -> None:
         """Call right after ``optimizer.step()`` with the update count; ``sample_obs(n)`` feeds ReDo."""
         previous = step - 1 if self._last_step is None else self._last_step
         self._last_step = step
         for method in self.methods.values():
             method.after_update(previous, step, sample_obs)
+        self._after_rewrites()
+
+    def after_env_step(self, previous_t: int, t: int, *, synced: bool = False, task_switched: bool = False,
+                       sample_obs: SampleObs | None = None) -> None:
+        """The env-step events after the target sync (methods-v2.md §0 step 3), in their fixed order.
+
+        ``(previous_t, t]``: the env steps just taken; ``synced``: the target network was just synced;
+        ``task_switched``: the environment switched tasks in this step.
+        """
+        for method in self.methods.values():
+            method.after_env_step(previous_t, t, synced, sample_obs)
+        self._after_rewrites()
+        if task_switched:
+            self.on_task_switch()
+        for method in self.methods.values():
+            method.end_env_step(previous_t, t)
+        self._after_rewrites()
 
     def on_task_switch(self) -> None:
         for method in self.methods.values():
             method.on_task_switch()
+        self._after_rewrites()
 
     def scalars(self) -> dict[str, torch.Tensor]:
         """0-dim device tensors of the enabled methods, for TensorBoard (no host sync here)."""

@@ -129,7 +129,7 @@ class PenaltyTerm(Intervention):
         self.tag = f"plasticity/{name}_penalty"
         self._last = torch.zeros(penalty.members, device=penalty.params[0].device)
 
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, td_loss=None, sample_obs=None) -> torch.Tensor:
         values = self.term.per_member()
         self._last = values.detach()
         return values.sum()

@@ -321,7 +321,8 @@ def check(condition: bool, message: str) -> None:
 def setting_of(args: CommonArgs, *, is_atari: bool, categorical: bool) -> Setting:
     """The facts about this run that the methods' flag rules depend on."""
     return Setting(categorical=categorical, layer_norm=args.layer_norm,
-                   task_switches=not is_atari or bool(args.atari_shift))
+                   task_switches=not is_atari or bool(args.atari_shift),
+                   learning_starts=args.learning_starts or 0, batch_size=args.batch_size)
 
 
 def check_writable_place(flag: str, path: str) -> None:
