@@ -102,6 +102,7 @@ def main(args: Args) -> None:
                                       setting=run.setting)
         diagnostics = Diagnostics(q_network, dormant_tau=args.dormant_tau, support=atoms, n_actions=envs.num_actions)
 
+        actor = interventions.network_for("act", q_network)  # the online network (H&T: hare or tortoise)
         global_step, obs = run.begin(q_network=q_network, target_network=target_network, optimizer=optimizer,
                                      interventions=interventions, diagnostics=diagnostics)
         while global_step < args.total_timesteps:
@@ -109,7 +110,7 @@ def main(args: Args) -> None:
             epsilon = experiment.linear_schedule(args.start_e, args.end_e,
                                                  args.exploration_fraction * args.total_timesteps, global_step)
             with torch.no_grad():
-                q_values = q_network.q_values(obs)
+                q_values = actor.q_values(obs)
             actions = experiment.epsilon_greedy(q_values, epsilon, run.action_random)
 
             # TRY NOT TO MODIFY: execute the game, log episodes, store the transitions
@@ -127,20 +128,22 @@ def main(args: Args) -> None:
                 run.log_update(loss, q_taken)
                 optimizer.zero_grad()
                 # Each member's loss reaches only its own weights: the sum gives every member its own gradient.
-                (loss.sum() + interventions.penalty()).backward()
+                # L2, L2-Init, Parseval, C-CHAIN (its reference batch drawn after the TD batch)
+                (loss.sum() + interventions.penalty(loss, sample_obs=rb.sample_obs)).backward()
                 diagnostics.record_grad_norm()
                 optimizer.step()
                 interventions.after_step(update, sample_obs=rb.sample_obs)
-            if global_step > args.learning_starts and experiment.crossed(before, global_step,
-                                                                         args.target_network_frequency):
+            synced = run.target_sync_due(before, global_step)
+            if synced:
                 target_network.load_state_dict(q_network.state_dict())
-            if step.task_id != step.previous_task_id:
-                interventions.on_task_switch()
+            # Optimiser resets, layer/hare resets, injection, task-switch events (methods-v2.md §0, step 3)
+            interventions.after_env_step(before, global_step, synced=synced,
+                                         task_switched=step.task_id != step.previous_task_id, sample_obs=rb.sample_obs)
             run.diagnose(before, global_step, diagnostics,
                          td_targets=lambda batch: td_targets(q_network, target_network, batch, args),
                          td_loss=lambda batch: td_loss(q_network, target_network, batch, args)[0],
                          clip_range=(args.v_min, args.v_max))
-            run.evaluate(global_step, q_network.q_values)  # --eval-every: greedy episodes on envs of their own
+            run.evaluate(global_step, interventions.network_for("eval", q_network).q_values)  # --eval-every: greedy episodes on envs of their own
             if not run.end_iteration(global_step, obs, epsilon, step, interventions):
                 return
         run.finish(global_step, obs)

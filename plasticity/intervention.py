@@ -37,6 +37,8 @@ class Setting:
     """env steps before learning starts: env-step schedules (``--reset-every``, optimiser resets) fire only after it"""
     batch_size: int = 32
     """the training batch size (C-CHAIN draws its reference batch of the same size)"""
+    total_updates: int = 0
+    """gradient steps of the whole run (the linear learning-rate schedule's length)"""
 
     categorical: bool = False
     """the value head outputs logits over a support (C51, HL-Gauss, two-hot) rather than Q-values"""

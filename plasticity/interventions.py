@@ -100,6 +100,15 @@ class Interventions:
         self._last_step: int | None = None
         self._zero = torch.zeros((), device=device)
 
+    def network_for(self, role: str, online: nn.Module) -> nn.Module:
+        """The network that acts (``role="act"``) or is evaluated (``"eval"``): ``online``, unless a method
+        keeps another one for it (Hare & Tortoise: ``--hare-tortoise-act/-eval tortoise``)."""
+        for method in self.methods.values():
+            model_for = getattr(method, "model_for", None)
+            if model_for is not None:
+                return model_for(role, online)
+        return online
+
     @property
     def enabled(self) -> tuple[str, ...]:
         return tuple(self.methods)

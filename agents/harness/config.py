@@ -153,7 +153,11 @@ class CommonArgs(InterventionFlags):
     learning_starts: int | None = ranged(None, COUNT, optional=True)
     """env steps before learning starts (default: 80k on Atari, 1k on the image MDP)"""
     train_frequency: int = ranged(4, POSITIVE_COUNT)
-    """env steps between gradient updates"""
+    """F: env steps between training iterations (one iteration = --gradient-steps gradient steps)"""
+    gradient_steps: int = ranged(1, POSITIVE_COUNT)
+    """G: gradient steps per training iteration, each on a fresh batch; updates per transition rho = G/(F*num_envs)"""
+    replay_ratio: float | None = ranged(None, POSITIVE, optional=True)
+    """rho, gradient steps per env transition (D'Oro et al.; BBF's replay_ratio is rho*batch-size): sets F and G (r = rho*num_envs: integer r -> F=1, G=r; 1/r integer -> G=1, F=1/r)"""
     double_q: bool = False
     """double-DQN targets: the online network picks the next action, the target network values it"""
     v_min: float = ranged(-10.0, FINITE)
@@ -170,7 +174,11 @@ class CommonArgs(InterventionFlags):
     """hidden widths of the mlp torso"""
 
     layer_norm: bool = False
-    """LayerNorm on every hidden pre-activation (Linear/Conv -> LN -> ReLU)"""
+    """LayerNorm on every hidden pre-activation (Linear/Conv -> LN -> activation)"""
+    activation: Literal["relu", "crelu", "dff"] = "relu"
+    """hidden activation: relu, crelu [relu(z), relu(-z)] (Abbas et al. 2023) or dff [sin z, cos z] (Lewandowski et al. 2025); both emit two outputs per unit"""
+    activation_width: Literal["double", "halve"] = "double"
+    """crelu/dff widths: double (n units emit 2n, the next layer's input doubles; Plasticine) or halve (n/2 units, the next layer unchanged; Parseval code) [U]"""
 
     # --- diagnostics (spec diagnostics.md) ---
     diag_every: int = ranged(10_000, COUNT)
@@ -214,7 +222,8 @@ FAMILY_DEFAULTS = {
 TAG_FIELDS = {
     "layer_norm": "ln", "loss": "loss", **{flag: short for method in METHODS for flag, short in method.TAGS.items()},
     "double_q": "ddqn", "network": "net", "shift": "shift", "atari_shift": "ashift", "bf16": "bf16",
-    "protocol": "proto",
+    "protocol": "proto", "train_frequency": "tf", "gradient_steps": "gs", "replay_ratio": "rr",
+    "activation": "act",
 }
 
 
@@ -295,6 +304,31 @@ def resolve_family_defaults(args: CommonArgs, is_atari: bool) -> None:
             setattr(args, name, value)
 
 
+def replay_settings(replay_ratio: float, num_envs: int) -> tuple[int, int]:
+    """(F, G) of ``--replay-ratio rho`` (methods-v2.md §3): r = rho·num_envs; integer r -> (1, r); integer 1/r -> (1/r, 1)."""
+    r = replay_ratio * num_envs
+    if r >= 1 and abs(r - round(r)) < 1e-9:
+        return 1, int(round(r))
+    if r < 1 and abs(1 / r - round(1 / r)) < 1e-6:
+        return int(round(1 / r)), 1
+    raise ConfigError(f"--replay-ratio {replay_ratio:g} with --num-envs {num_envs}: rho*num_envs = {r:g} must be an "
+                      "integer (G gradient steps every env step) or 1/integer (one gradient step every F env steps); "
+                      "or set --train-frequency and --gradient-steps directly")
+
+
+def resolve_replay_ratio(args: CommonArgs) -> None:
+    """``--replay-ratio`` sets ``--train-frequency`` and ``--gradient-steps`` (a fresh run; a resumed one has them)."""
+    if args.replay_ratio is None or not POSITIVE.contains(args.replay_ratio):
+        return  # out of range: validate() says so
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    given = [flag for flag, name in (("--train-frequency", "train_frequency"), ("--gradient-steps", "gradient_steps"))
+             if getattr(args, name) != defaults[name]]
+    if given:
+        raise ConfigError(f"--replay-ratio and {' '.join(given)} set the same quantity (updates per transition "
+                          f"rho = G/(F*num_envs)); give one of them")
+    args.train_frequency, args.gradient_steps = replay_settings(args.replay_ratio, args.num_envs)
+
+
 def run_tag(args: CommonArgs) -> str:
     """Short digest of the non-default toggles, e.g. ``ln-l2_1e-05-swr_0.001`` (``base`` when none)."""
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -318,11 +352,20 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def total_updates(args: CommonArgs) -> int:
+    """Gradient steps of the whole run: G per multiple of F after learning starts (``experiment.updates_done``)."""
+    total, starts = args.total_timesteps or 0, args.learning_starts or 0
+    if total <= starts:
+        return 0
+    return args.gradient_steps * (total // args.train_frequency - starts // args.train_frequency)
+
+
 def setting_of(args: CommonArgs, *, is_atari: bool, categorical: bool) -> Setting:
     """The facts about this run that the methods' flag rules depend on."""
     return Setting(categorical=categorical, layer_norm=args.layer_norm,
                    task_switches=not is_atari or bool(args.atari_shift),
-                   learning_starts=args.learning_starts or 0, batch_size=args.batch_size)
+                   learning_starts=args.learning_starts or 0, batch_size=args.batch_size,
+                   total_updates=total_updates(args))
 
 
 def check_writable_place(flag: str, path: str) -> None:
@@ -392,6 +435,10 @@ def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
           "run without --bf16 on this GPU")
     check(args.buffer_device in ("cpu", "auto") or torch.cuda.is_available(),
           "--buffer-device cuda needs a CUDA device")
+    if args.replay_ratio is not None:
+        check(replay_settings(args.replay_ratio, args.num_envs) == (args.train_frequency, args.gradient_steps),
+              f"--replay-ratio {args.replay_ratio:g} and --train-frequency {args.train_frequency} --gradient-steps "
+              f"{args.gradient_steps} set the same quantity (rho = G/(F*num_envs)); give one of them")
     check(args.buffer_size >= args.batch_size,
           f"--buffer-size ({args.buffer_size}) must be at least --batch-size ({args.batch_size})")
     if categorical:

@@ -43,6 +43,7 @@ from agents.harness.config import (
     SEED_PLACEHOLDER,
     ConfigError,
     resolve_family_defaults,
+    resolve_replay_ratio,
     run_tag,
     setting_of,
     validate,
@@ -64,15 +65,16 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return max(slope * t + start_e, end_e)
 
 
-def updates_due(before: int, after: int, train_frequency: int, learning_starts: int) -> int:
-    """Gradient updates to run for the env steps (before, after]: one per ``train_frequency`` after learning starts."""
+def updates_due(before: int, after: int, train_frequency: int, learning_starts: int, gradient_steps: int = 1) -> int:
+    """Gradient updates to run for the env steps (before, after]: one training iteration of ``gradient_steps``
+    updates at every multiple of ``train_frequency`` after learning starts (methods-v2.md §3)."""
     if after <= learning_starts:
         return 0
-    return after // train_frequency - max(before, learning_starts) // train_frequency
+    return gradient_steps * (after // train_frequency - max(before, learning_starts) // train_frequency)
 
 
-def updates_done(global_step: int, train_frequency: int, learning_starts: int) -> int:
-    return updates_due(0, global_step, train_frequency, learning_starts)
+def updates_done(global_step: int, train_frequency: int, learning_starts: int, gradient_steps: int = 1) -> int:
+    return updates_due(0, global_step, train_frequency, learning_starts, gradient_steps)
 
 
 def cli(args_type: type, main: Callable, argv: list[str] | None = None) -> None:
@@ -183,6 +185,8 @@ def resolve_args(args, agent: str) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     resolve_family_defaults(args, family == "atari")
+    if not args.resume:
+        resolve_replay_ratio(args)  # --replay-ratio: F and G (a resumed run's config holds them)
     if not args.exp_name:
         args.exp_name = agent
 
@@ -461,8 +465,16 @@ class Run:
     def updates(self, before: int, global_step: int) -> range:
         """Indices (1-based) of the gradient updates due for the env steps (before, global_step]."""
         args = self.args
-        return range(updates_done(before, args.train_frequency, args.learning_starts) + 1,
-                     updates_done(global_step, args.train_frequency, args.learning_starts) + 1)
+        schedule = (args.train_frequency, args.learning_starts, args.gradient_steps)
+        return range(updates_done(before, *schedule) + 1, updates_done(global_step, *schedule) + 1)
+
+    def target_sync_due(self, before: int, global_step: int) -> bool:
+        """A hard target sync in the env steps (before, global_step]: every --target-network-frequency env steps
+        after learning starts; never when the tortoise is the target (--hare-tortoise-target tortoise)."""
+        args = self.args
+        if getattr(args, "hare_tortoise", False) and args.hare_tortoise_target == "tortoise":
+            return False
+        return global_step > args.learning_starts and crossed(before, global_step, args.target_network_frequency)
 
     def log_update(self, loss: torch.Tensor, q_taken: torch.Tensor) -> None:
         """losses/td_loss and losses/q_values per member over the window, and the NaN watch (no host sync).
