@@ -51,11 +51,64 @@ class InterventionFlags(*reversed(METHODS)):
     """The flags of every method in ``METHODS`` (the agents' ``Args`` inherit them: ``--swr``, ``--cbp``, ...)."""
 
 
+def _on(flags, name: str, off=0) -> bool:
+    value = getattr(flags, name, off)
+    return bool(value) and value != off
+
+
+def rewrites_on(flags) -> list[str]:
+    """The flags of every enabled method that rewrites parameters outside ``optimizer.step()`` (§0 R1-R3)."""
+    rewrites = [("--swr", "swr"), ("--nap", "nap"), ("--weight-clip", "weight_clip"), ("--cbp", "cbp"),
+                ("--redo-every", "redo_every"), ("--snp", "snp"), ("--reset-layers", "reset_layers"),
+                ("--reset-head-every", "reset_head_every"), ("--hare-tortoise", "hare_tortoise")]
+    named = [flag for flag, name in rewrites if _on(flags, name, "" if name == "reset_layers" else 0)]
+    if injection_on(flags):
+        named.append("--plasticity-injection-at")
+    return named
+
+
+def injection_on(flags) -> bool:
+    return bool(getattr(flags, "plasticity_injection_at", None)) or _on(flags, "plasticity_injection_at_task_switch")
+
+
+def check_combinations(flags, setting: Setting = DEFAULT_SETTING) -> None:
+    """The configuration errors between methods (methods-v2.md, "Configuration errors"); ValueError on the first.
+
+    A method's rules about its own flags live in its flags class; these involve two methods.
+    """
+    swr = _on(flags, "swr")
+    if swr and getattr(flags, "activation", "relu") == "dff":
+        raise ValueError("--swr with --activation dff: SWR's output-scaling theorem needs a positively homogeneous "
+                         "activation (relu, crelu); DFF's sin/cos is not")
+    if swr and injection_on(flags):
+        raise ValueError("--swr with plasticity injection: SWR's theorem needs every layer rescaled, and the frozen "
+                         "injected heads are not; drop one of them")
+    if _on(flags, "weight_clip") and _on(flags, "parseval"):
+        raise ValueError("--weight-clip with --parseval: clipping bounds come from a uniform initialiser, and "
+                         "--parseval switches to an orthogonal one (no bound s_l)")
+    if _on(flags, "trac"):
+        rewrites = rewrites_on(flags)
+        if rewrites:
+            raise ValueError(f"--trac with {' '.join(rewrites)}: TRAC rescales the displacement from its reference "
+                             "point, so a rewrite outside optimizer.step() would be rescaled too; TRAC combines "
+                             "with penalties (--l2, --l2-init, --parseval, --c-chain) only")
+    if _on(flags, "hare_tortoise"):
+        if injection_on(flags):
+            raise ValueError("--hare-tortoise with plasticity injection: a hare reset would restore the pre-injection "
+                             "heads from the tortoise")
+        if getattr(flags, "hare_tortoise_target", "network") == "tortoise" and \
+                getattr(flags, "reset_optimizer", "off") == "target-update":
+            raise ValueError("--reset-optimizer target-update with --hare-tortoise-target tortoise: the tortoise "
+                             "target has no discrete syncs to reset at; use --reset-optimizer every")
+
+
 def check_intervention_flags(flags: InterventionFlags, setting: Setting = DEFAULT_SETTING) -> None:
-    """Ranges (from their declarations), then each method's own combination rules; ValueError on the first."""
+    """Ranges (from their declarations), then each method's own combination rules, then the rules between
+    methods; ValueError on the first."""
     check_ranges(flags)
     for method in METHODS:
         method.check(flags, setting)
+    check_combinations(flags, setting)
 
 
 # Agents build their network right after torch.manual_seed(seed). A generator seeded with the same
