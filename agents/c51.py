@@ -21,9 +21,12 @@ from agents.harness import experiment
 from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
 from plasticity.flags import POSITIVE, POSITIVE_COUNT, ranged
+from plasticity.injection import injection_heads
 from plasticity.interventions import Interventions
 from plasticity.losses import c51_atoms, c51_loss, c51_project
 from plasticity.networks import build_torso, default_network
+from plasticity.optimizers import build_optimizer
+from plasticity.parseval import apply_parseval_
 from plasticity.population import MemberLinear
 
 
@@ -45,14 +48,21 @@ class QNetwork(nn.Module):
         network = default_network(obs_shape) if args.network == "auto" else args.network
         members = args.num_seeds  # one network per population member; member k drawn from generators[k]
         self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes,
-                                 members=members, generators=generators)
+                                 members=members, generators=generators, activation=args.activation,
+                                 activation_width=args.activation_width)
         self.num_actions, self.n_atoms = num_actions, len(atoms)
         self.head = MemberLinear(members, self.torso.out_features, num_actions * self.n_atoms, generators=generators)
+        apply_parseval_(self, args, generators)  # --parseval: orthogonal init (and --parseval-diag layers)
+        # Plasticity injection (§5): the head copies θ'1, θ'2, allocated now (no draw) so they are in the
+        # optimiser from the start; None when off.
+        self.injection = injection_heads(self.torso, self.head, args)
         self.register_buffer("atoms", atoms, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [members, batch, actions, atoms]; observations are uint8 pixels [members, batch, ...]."""
-        out = self.head(self.torso(self.torso.scale_pixels(x)))
+        x_scaled = self.torso.scale_pixels(x)
+        out = (self.head(self.torso(x_scaled)) if self.injection is None
+               else self.injection(self.torso, self.head, x_scaled))  # §5: + h_θ'1 − h_θ'2 once injected
         return out.view(*x.shape[:2], self.num_actions, self.n_atoms)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,8 @@ def main(args: Args) -> None:
         atoms = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
         q_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms, run.init_generators).to(device)
         # Adam is elementwise: one optimiser over the members' stacked weights is one Adam per member.
-        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+        # --optimizer (default: fused Adam); elementwise, so over the members' stacked weights it is one per member.
+        optimizer = build_optimizer(q_network, args, args.learning_rate, seeds=run.seeds)
         target_network = QNetwork(envs.obs_shape, envs.num_actions, args, atoms).to(device)
         target_network.load_state_dict(q_network.state_dict())
         interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=run.seeds,

@@ -22,6 +22,7 @@ from agents.harness import experiment
 from agents.harness.config import CommonArgs
 from plasticity.diagnostics import Diagnostics
 from plasticity.flags import POSITIVE, POSITIVE_COUNT, ranged
+from plasticity.injection import injection_heads
 from plasticity.interventions import Interventions
 from plasticity.losses import (
     CATEGORICAL_LOSSES,
@@ -30,6 +31,8 @@ from plasticity.losses import (
     regression_loss,
 )
 from plasticity.networks import build_torso, default_network
+from plasticity.optimizers import build_optimizer
+from plasticity.parseval import apply_parseval_
 from plasticity.population import MemberLinear
 
 
@@ -58,14 +61,21 @@ class QNetwork(nn.Module):
         network = default_network(obs_shape) if args.network == "auto" else args.network
         members = args.num_seeds
         self.torso = build_torso(network, obs_shape, layer_norm=args.layer_norm, hidden_sizes=args.hidden_sizes,
-                                 members=members, generators=generators)
+                                 members=members, generators=generators, activation=args.activation,
+                                 activation_width=args.activation_width)
         self.num_actions = num_actions
         self.num_bins = support.n_bins if support is not None else 1
         self.head = MemberLinear(members, self.torso.out_features, num_actions * self.num_bins, generators=generators)
+        apply_parseval_(self, args, generators)  # --parseval: orthogonal init (and --parseval-diag layers)
+        # Plasticity injection (§5): the head copies θ'1, θ'2, allocated now (no draw) so they are in the
+        # optimiser from the start; None when off.
+        self.injection = injection_heads(self.torso, self.head, args)
         self.support = support
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.torso(self.torso.scale_pixels(x)))  # observations are uint8 pixels
+        x_scaled = self.torso.scale_pixels(x)  # observations are uint8 pixels
+        out = (self.head(self.torso(x_scaled)) if self.injection is None
+               else self.injection(self.torso, self.head, x_scaled))  # §5: + h_θ'1 − h_θ'2 once injected
         return out if self.support is None else out.view(*x.shape[:2], self.num_actions, self.num_bins)
 
     def q_values(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +113,8 @@ def main(args: Args) -> None:
         support = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device,
                                       sigma_ratio=args.hl_gauss_sigma) if categorical else None)
         q_network = QNetwork(envs.obs_shape, envs.num_actions, args, support, run.init_generators).to(device)
-        # Adam is elementwise: one optimiser over the members' stacked weights is one Adam per member.
-        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # one kernel a step
+        # --optimizer (default: fused Adam); elementwise, so over the members' stacked weights it is one per member.
+        optimizer = build_optimizer(q_network, args, args.learning_rate, seeds=run.seeds)
         target_network = QNetwork(envs.obs_shape, envs.num_actions, args, support).to(device)
         target_network.load_state_dict(q_network.state_dict())
         interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=run.seeds,

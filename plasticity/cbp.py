@@ -18,6 +18,15 @@ step's training forward (a conv unit is a channel, averaged over H, W):
    its statistics still change -- and their optimiser moments zeroed; see
    ``plasticity/resets.py`` for Adam's bias correction), and u = f = a = 0.
 
+CReLU and DFF (methods-v2.md §8): a unit is a pre-activation index i with two
+outputs, i and i + n (conv: channels c and c + C).  f and the per-output terms are
+kept per output ``[M, 2n]``; the utility of unit i sums both halves' terms
+(contribution: mean_b |h_bi|·Σ_k |W^next_{k,i}| + the same for i + n; adaptable: the
+same with |h − f̂|, divided by unit i's one mean_j |W^in_{i,j}|); a replacement redraws
+row i, zeroes the outgoing columns of both halves, and its bias correction adds
+W^next_{:,i}·f̂_i + W^next_{:,i+n}·f̂_{i+n}.  DFF outputs can be negative, so mean_b |h|
+is computed separately from mean_b h there.
+
 Layers are processed input to output, so a replaced unit of the next layer
 gets fresh incoming weights from all its inputs, including the columns just
 zeroed for this layer's replaced units (its own outgoing weights are 0, so the
@@ -89,9 +98,9 @@ class _UnitStatistics:
     the start) -- no per-step increment kernel.
     """
 
-    def __init__(self, members: int, num_units: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, members: int, num_units: int, device: torch.device, dtype: torch.dtype, halves: int = 1):
         self.utility = torch.zeros(members, num_units, device=device, dtype=dtype)
-        self.mean = torch.zeros(members, num_units, device=device, dtype=dtype)
+        self.mean = torch.zeros(members, halves * num_units, device=device, dtype=dtype)  # per output (f)
         self.birth = torch.zeros(members, num_units, dtype=torch.long, device=device)
         self.positions = torch.arange(num_units, device=device).expand(members, num_units)  # for the ranks
         self.accumulator = 0.0  # fractional replacements carried to the next step (host; every member's)
@@ -136,7 +145,10 @@ class ContinualBackprop:
         # float32 statistics (bf16 activations under autocast accumulate in float32); float64 for a float64 model.
         self.dtype = torch.promote_types(first.dtype, torch.float32)
         self.random = random
-        self.stats = [_UnitStatistics(self.members, hidden.num_units, device, self.dtype) for hidden in self.layers]
+        self.stats = [_UnitStatistics(self.members, hidden.num_units, device, self.dtype, hidden.halves)
+                      for hidden in self.layers]
+        # Layers whose outputs can be negative (DFF): mean_b |h| is not mean_b h there.
+        self._signed = [not getattr(hidden.activation, "nonnegative", True) for hidden in self.layers]
         # |W^next| is written into a persistent buffer: a fresh multi-MB temporary every step costs page
         # faults on CPU (the Nature CNN's 3136x512 layer: 6.4 MB), more than the arithmetic.
         self._abs_buffers = [torch.empty_like(weight_param(hidden.next_layer), requires_grad=False)
@@ -153,10 +165,21 @@ class ContinualBackprop:
     def _bias_correction(self, index: int) -> torch.Tensor:
         return 1.0 - torch.pow(self.decay, self.ages(index))
 
+    def _output_bias_correction(self, index: int) -> torch.Tensor:
+        """``_bias_correction`` per output ``[M, halves·n]`` (both halves of a unit share its age)."""
+        correction = self._bias_correction(index)
+        halves = self.layers[index].halves
+        return correction.repeat(1, halves) if halves > 1 else correction
+
+    def _per_unit(self, index: int, per_output: torch.Tensor) -> torch.Tensor:
+        """``[M, halves·n]`` -> ``[M, n]``: the two halves of each unit summed (identity for ReLU)."""
+        halves = self.layers[index].halves
+        return per_output.view(per_output.shape[0], halves, -1).sum(1) if halves > 1 else per_output
+
     # ------------------------------------------------------------------ per-step statistics
     def _outgoing_magnitude(self, index: int) -> torch.Tensor:
-        """Σ_k |W^next_{k,i}| per member and unit ``[M, units]``; after conv -> linear summed over the unit's
-        H·W columns too."""
+        """Σ_k |W^next_{k,i}| per member and output ``[M, outputs]`` (outputs = units, or 2·units with
+        CReLU/DFF); after conv -> linear summed over the output channel's H·W columns too."""
         hidden = self.layers[index]
         next_layer = hidden.next_layer
         magnitude = as_weight_view(next_layer, torch.abs(weight_param(next_layer), out=self._abs_buffers[index]))
@@ -165,7 +188,7 @@ class ContinualBackprop:
         # Sum over rows, then over each unit's spatial columns: ~3x faster on CPU than one strided reduction.
         per_column = magnitude.sum(1)  # [M, units * spatial]
         if hidden.spatial > 1:
-            return per_column.view(self.members, hidden.num_units, hidden.spatial).sum(2)
+            return per_column.view(self.members, hidden.num_outputs, hidden.spatial).sum(2)
         return per_column
 
     def _eligible_count(self, stats: _UnitStatistics, num_units: int) -> int:
@@ -188,13 +211,15 @@ class ContinualBackprop:
         keep = 1.0 - self.decay
         activations = [self.recorder.post[hidden.name] for hidden in self.layers]  # [M, B, units...]
         self.recorder.post.clear()  # a second step() without a new training forward is an error, not a repeat
-        # The recorder holds ReLU outputs (≥ 0), so mean_b |h_bi| = mean_b h_bi: one reduction per layer
-        # (over batch and H, W for a conv channel) feeds both f and the contribution utility.
+        # The recorder holds ReLU/CReLU outputs (≥ 0), so mean_b |h_bi| = mean_b h_bi: one reduction per layer
+        # (over batch and H, W for a conv channel) feeds both f and the contribution utility.  DFF: a second.
         batch_means = [h.mean(dim=(1, 3, 4) if h.ndim == 5 else 1, dtype=self.dtype) for h in activations]
         outgoing = [self._outgoing_magnitude(index) for index in range(len(self.layers))]
         torch._foreach_lerp_([s.mean for s in self.stats], batch_means, keep)  # step 2
         if self.utility == "contribution":  # step 3
-            instant = torch._foreach_mul(batch_means, outgoing)
+            abs_means = [h.abs().mean(dim=(1, 3, 4) if h.ndim == 5 else 1, dtype=self.dtype) if signed else mean
+                         for h, mean, signed in zip(activations, batch_means, self._signed)]
+            instant = [self._per_unit(i, y) for i, y in enumerate(torch._foreach_mul(abs_means, outgoing))]
         else:
             instant = [self._adaptable_utility(i, h, out) for i, (h, out) in enumerate(zip(activations, outgoing))]
         torch._foreach_lerp_([s.utility for s in self.stats], instant, keep)  # step 4
@@ -209,7 +234,7 @@ class ContinualBackprop:
             if count == 0:
                 continue
             units, listed = self._select(index, count)  # step 7
-            self._replace(hidden, stats, units, listed, stats.mean / self._bias_correction(index))  # step 8
+            self._replace(hidden, stats, units, listed, stats.mean / self._output_bias_correction(index))  # step 8
             stats.recent.append((self.steps, count))
             self.total_replacements += count
             self.replacements += units.sum(1)
@@ -230,30 +255,36 @@ class ContinualBackprop:
         return (rank < count) & eligible, order[:, :count]
 
     def _adaptable_utility(self, index: int, activations: torch.Tensor, outgoing: torch.Tensor) -> torch.Tensor:
-        """mean_b |h_bi − f̂_i| · Σ_k |W^next_{k,i}| / mean_j |W^in_{i,j}| (f̂ after this step's update)."""
-        unit_activations = activations.mean(dim=(3, 4)) if activations.ndim == 5 else activations  # [M, B, n]
-        mean_hat = self.stats[index].mean / self._bias_correction(index)
+        """mean_b |h_bi − f̂_i| · Σ_k |W^next_{k,i}| / mean_j |W^in_{i,j}| (f̂ after this step's update); with
+        CReLU/DFF the two halves' terms summed, each divided by the unit's one incoming mean."""
+        unit_activations = activations.mean(dim=(3, 4)) if activations.ndim == 5 else activations  # [M, B, outputs]
+        mean_hat = self.stats[index].mean / self._output_bias_correction(index)
         incoming = weight_view(self.layers[index].layer).flatten(2).abs().mean(2)  # [M, n]
         incoming = incoming.clamp_min(torch.finfo(incoming.dtype).tiny)  # an all-zero row: no division by 0
-        return (unit_activations - mean_hat.unsqueeze(1)).abs().mean(1) * outgoing / incoming
+        halves = self.layers[index].halves
+        if halves > 1:
+            incoming = incoming.repeat(1, halves)
+        return self._per_unit(index, (unit_activations - mean_hat.unsqueeze(1)).abs().mean(1) * outgoing / incoming)
 
     def _replace(self, hidden: HiddenLayer, stats: _UnitStatistics, units: torch.Tensor, listed: torch.Tensor,
                  mean_hat: torch.Tensor) -> None:
         """§5 step 8, in the spec's order: bias correction with f̂ first, then reset the units and their stats.
 
-        ``units``: bool mask ``[M, n]`` (``listed``: its ``[M, count]`` indices); the correction sums over every unit with f̂ masked to the
-        replaced ones, so each member corrects for its own units.
+        ``units``: bool mask ``[M, n]`` (``listed``: its ``[M, count]`` indices); the correction sums over every
+        unit with f̂ masked to the replaced ones, so each member corrects for its own units.  ``mean_hat`` is
+        per output ``[M, halves·n]``: with CReLU/DFF both halves i and i + n carry their own f̂.
         """
         next_layer = hidden.next_layer
-        weight = weight_view(next_layer).flatten(2)  # [M, out, inputs]: a unit owns consecutive inputs
-        # f̂ of the replaced units (0 elsewhere) on each of the unit's inputs: its H·W columns after conv ->
+        weight = weight_view(next_layer).flatten(2)  # [M, out, inputs]: an output owns consecutive inputs
+        outputs = units.repeat(1, hidden.halves) if hidden.halves > 1 else units  # [M, halves·n]
+        # f̂ of the replaced outputs (0 elsewhere) on each of the output's inputs: its H·W columns after conv ->
         # linear, or its kh·kw kernel taps when the next layer is a conv (a constant input channel).
-        carried = torch.where(units, mean_hat, 0.0).to(weight.dtype)
-        carried = carried.repeat_interleave(weight.shape[2] // hidden.num_units, dim=1)
+        carried = torch.where(outputs, mean_hat, 0.0).to(weight.dtype)
+        carried = carried.repeat_interleave(weight.shape[2] // hidden.num_outputs, dim=1)
         bias_view(next_layer).add_(torch.bmm(weight, carried.unsqueeze(2)).squeeze(2))
         reinitialize_units_(hidden, units, self.optimizer, self.random, index=listed)
         stats.utility.masked_fill_(units, 0.0)
-        stats.mean.masked_fill_(units, 0.0)
+        stats.mean.masked_fill_(outputs, 0.0)
         stats.birth.masked_fill_(units, self.steps)  # age 0 now
 
     # ------------------------------------------------------------------ checkpointing
@@ -269,7 +300,7 @@ class ContinualBackprop:
 
     def load_state_dict(self, state: dict) -> None:
         layers = state["layers"]
-        if len(layers) != len(self.stats) or any(saved["birth"].shape != s.birth.shape
+        if len(layers) != len(self.stats) or any(saved["birth"].shape != s.birth.shape or saved["mean"].shape != s.mean.shape
                                                  for saved, s in zip(layers, self.stats)):
             raise ValueError("CBP state does not match this model's hidden layers and members (a checkpoint of "
                              "another network?)")

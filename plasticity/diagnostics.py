@@ -64,6 +64,18 @@ Conventions fixed here where the spec leaves a choice:
   ``feature_cond`` and ``feature_mean_alignment``; the ranks are 0.
 * Unit counts of a layer whose activations are non-finite for a member are NaN
   for that member (not "0 dead units").
+* CReLU and DFF layers (methods-v2.md §8; unit i of n has outputs i and i + n).
+  ``dormant_frac`` is ReDo's unit score on (E|h_i| + E|h_{i+n}|), over the n units
+  (what ReDo resets).  CReLU: ``dead_frac`` and ``linearized_frac`` run over the 2n
+  halves with the ReLU definitions, the pre-activation of half i + n being −z_i (so a
+  half is linearized when z (or −z) is > 0 on every sample and position; its partner is
+  then dead -- the converse fails only where z is exactly 0, and a pair with z ≡ 0 counts
+  as two dead halves, not linearized ones) [U]; ``dead_pair_frac``: units whose both
+  halves are 0 everywhere (z ≡ 0); ``sign_constant_frac``: units whose z is never > 0 at
+  one sample/position and < 0 at another (≥ 0 everywhere or ≤ 0 everywhere: the pair acts
+  linearly; includes the dead pairs) [U].  DFF: dead and linearized are undefined, not
+  logged, and left out of the overall totals (each total divides by the units or halves of
+  the layers it counts).  ``preact_*`` run over the n pre-activations.
 """
 
 from __future__ import annotations
@@ -74,7 +86,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from plasticity.networks import WEIGHT_LAYERS, ActivationRecorder, Torso, layer_map, reinit_
+from plasticity.networks import (
+    ACTIVATIONS,
+    WEIGHT_LAYERS,
+    ActivationRecorder,
+    Torso,
+    activation_name,
+    layer_map,
+    reinit_,
+)
 from plasticity.population import (
     NORM_LAYERS,
     MemberConv2d,
@@ -152,10 +172,10 @@ def to_host(*results: dict[str, Tensor]) -> list[dict[str, float]]:
 # Pure functions on tensors (device tensors out, no host sync)
 # ---------------------------------------------------------------------------
 
-def unit_stats(pre: Tensor, post: Tensor, dormant_tau: float = 0.1) -> dict[str, Tensor]:
-    """Unit statistics of one hidden layer on a probe batch (diagnostics.md, "Units").
+def unit_stats(pre: Tensor, post: Tensor, dormant_tau: float = 0.1, activation: str = "relu") -> dict[str, Tensor]:
+    """Unit statistics of one hidden layer on a probe batch (diagnostics.md, "Units"; methods-v2.md §8).
 
-    ``pre`` is the ReLU input (after LayerNorm when present), ``post`` its
+    ``pre`` is the activation's input (after LayerNorm when present), ``post`` its
     output: ``[B, U]`` (dense) or ``[B, C, H, W]`` (conv, a unit is a channel) give
     0-dim values; with a leading member dim, ``[M, B, U]`` or ``[M, B, C, H, W]``,
     every value is ``[M]``.  Returns float32 tensors: ``dead``, ``linearized``,
@@ -163,36 +183,59 @@ def unit_stats(pre: Tensor, post: Tensor, dormant_tau: float = 0.1) -> dict[str,
     (means over units).  Counts rather than fractions, so the overall fraction across
     layers of different widths is total flagged / total units (pitfall 6).  A member
     whose activations are not all finite gets NaN for everything but ``num_units``.
+
+    ``activation``: ``relu``, ``crelu`` or ``dff``.  For the last two ``post`` has 2U
+    features (channels) and ``dormant`` uses the pair score (E|h_i| + E|h_{i+U}|).
+    ``crelu``: ``dead`` and ``linearized`` count halves (out of ``num_halves`` = 2U),
+    plus ``dead_pair`` and ``sign_constant`` (units).  ``dff``: no ``dead``/``linearized``.
+    See the module docstring for the definitions.
     """
-    if pre.shape != post.shape:
-        raise ValueError(f"unit_stats: pre {tuple(pre.shape)} and post {tuple(post.shape)} shapes differ")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unit_stats: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    halves = 1 if activation == "relu" else 2
     if pre.dim() not in (2, 3, 4, 5):
         raise ValueError("unit_stats: expected [B, units] or [B, C, H, W] activations (or [M, B, units], "
                          f"[M, B, C, H, W] with a leading member dim); got {tuple(pre.shape)}")
+    batched = pre.dim() in (3, 5)
+    expected = list(pre.shape)
+    expected[2 if batched else 1] *= halves
+    if list(post.shape) != expected:
+        detail = "" if halves == 1 else f" ({activation}: post has twice the units of pre)"
+        raise ValueError(f"unit_stats: pre {tuple(pre.shape)} and post {tuple(post.shape)} shapes differ{detail}")
     if dormant_tau < 0:
         raise ValueError(f"unit_stats: dormant_tau must be >= 0; got {dormant_tau}")
-    batched = pre.dim() in (3, 5)
     pre, post = pre.detach(), post.detach()
     if not batched:
         pre, post = pre.unsqueeze(0), post.unsqueeze(0)
     spatial = tuple(range(3, pre.dim()))  # () for dense layers
     batch_and_spatial = (1, *spatial)
-    # ReDo activity mean_b |h_i| (and over H, W): zero exactly when the unit outputs 0 everywhere.
-    activity = post.abs().float().mean(batch_and_spatial)  # [M, U]
-    dead = activity == 0
-    linearized = pre.amin(batch_and_spatial) > 0
+    # ReDo activity mean_b |h_i| (and over H, W): zero exactly when the output is 0 everywhere.
+    half_activity = post.abs().float().mean(batch_and_spatial)  # [M, halves·U]
+    activity = half_activity.view(half_activity.shape[0], halves, -1).sum(1) if halves > 1 else half_activity
+    members, units = activity.shape
     score = activity / activity.mean(1, keepdim=True).clamp_min(_TINY)  # an all-zero layer scores 0: all dormant
     dormant = score <= dormant_tau
     unit_pre = pre.float().mean(spatial) if spatial else pre.float()  # [M, B, U]
     finite = torch.isfinite(pre).flatten(1).all(1) & torch.isfinite(post).flatten(1).all(1)  # [M]
-    stats = {
-        "dead": _nan_where(finite, dead.sum(1).float()),
-        "linearized": _nan_where(finite, linearized.sum(1).float()),
-        "dormant": _nan_where(finite, dormant.sum(1).float()),
-        "num_units": activity.new_full((activity.shape[0],), activity.shape[1]),
-        "preact_mean_abs": _nan_where(finite, unit_pre.mean(1).abs().mean(1)),
-        "preact_std": _nan_where(finite, unit_pre.std(1, correction=0).mean(1)),
-    }
+    counts: dict[str, Tensor] = {}
+    if activation != "dff":
+        low = pre.amin(batch_and_spatial)  # [M, U]
+        linearized = low > 0
+        if activation == "crelu":
+            high = pre.amax(batch_and_spatial)
+            linearized = torch.cat((linearized, high < 0), dim=1)  # half i + n has pre-activation −z
+        counts["dead"] = (half_activity == 0).sum(1).float()
+        counts["linearized"] = linearized.sum(1).float()
+    counts["dormant"] = dormant.sum(1).float()
+    if activation == "crelu":
+        counts["dead_pair"] = (activity == 0).sum(1).float()
+        counts["sign_constant"] = ((low >= 0) | (high <= 0)).sum(1).float()
+    stats = {key: _nan_where(finite, value) for key, value in counts.items()}
+    stats["num_units"] = activity.new_full((members,), units)
+    if activation == "crelu":
+        stats["num_halves"] = activity.new_full((members,), halves * units)
+    stats["preact_mean_abs"] = _nan_where(finite, unit_pre.mean(1).abs().mean(1))
+    stats["preact_std"] = _nan_where(finite, unit_pre.std(1, correction=0).mean(1))
     return stats if batched else {key: value.squeeze(0) for key, value in stats.items()}
 
 
@@ -410,24 +453,33 @@ class Diagnostics:
 
     def _unit_metrics(self, recorder: ActivationRecorder) -> dict[str, Tensor]:
         scalars: dict[str, Tensor] = {}
-        totals: dict[str, list[Tensor]] = {key: [] for key in
-                                           ("dead", "linearized", "dormant", "num_units", "mean_abs", "std")}
+        counted = ("dead", "linearized", "dormant", "dead_pair", "sign_constant")
+        totals: dict[str, list[Tensor]] = {key: [] for key in (*counted, "num_units", "mean_abs", "std")}
+        denominators: dict[str, list[Tensor]] = {key: [] for key in counted}
         for hidden in recorder.layers:
-            stats = unit_stats(recorder.pre[hidden.name], recorder.post[hidden.name], self.dormant_tau)
+            stats = unit_stats(recorder.pre[hidden.name], recorder.post[hidden.name], self.dormant_tau,
+                               activation_name(hidden.activation))
             units = stats["num_units"]
-            for key in ("dead", "linearized", "dormant"):
-                scalars[f"{TAG_PREFIX}{key}_frac/{hidden.name}"] = stats[key] / units
+            for key in counted:
+                if key not in stats:  # DFF: no dead/linearized; only CReLU has pairs
+                    continue
+                denominator = stats.get("num_halves", units) if key in ("dead", "linearized") else units
+                scalars[f"{TAG_PREFIX}{key}_frac/{hidden.name}"] = stats[key] / denominator
                 totals[key].append(stats[key])
+                denominators[key].append(denominator)
             scalars[f"{TAG_PREFIX}preact_mean_abs/{hidden.name}"] = stats["preact_mean_abs"]
             scalars[f"{TAG_PREFIX}preact_std/{hidden.name}"] = stats["preact_std"]
             totals["num_units"].append(units)
             totals["mean_abs"].append(stats["preact_mean_abs"] * units)
             totals["std"].append(stats["preact_std"] * units)
         if recorder.layers:
-            # Overall = total flagged / total units; means over all units (pitfall 6: width-weighted).
+            # Overall = total flagged / total units (halves) of the layers that define it; means over all
+            # units (pitfall 6: width-weighted).
             all_units = torch.stack(totals["num_units"]).sum(0)
-            for key in ("dead", "linearized", "dormant"):
-                scalars[f"{TAG_PREFIX}{key}_frac"] = torch.stack(totals[key]).sum(0) / all_units
+            for key in counted:
+                if totals[key]:
+                    scalars[f"{TAG_PREFIX}{key}_frac"] = (torch.stack(totals[key]).sum(0)
+                                                         / torch.stack(denominators[key]).sum(0))
             scalars[TAG_PREFIX + "preact_mean_abs"] = torch.stack(totals["mean_abs"]).sum(0) / all_units
             scalars[TAG_PREFIX + "preact_std"] = torch.stack(totals["std"]).sum(0) / all_units
         return scalars

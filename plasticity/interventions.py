@@ -29,18 +29,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from plasticity.c_chain import CChainFlags
 from plasticity.cbp import CBPFlags
 from plasticity.flags import check_ranges
+from plasticity.hare_tortoise import HareTortoiseFlags
+from plasticity.injection import PlasticityInjectionFlags
 from plasticity.intervention import Intervention, MethodFlags, Parts, SampleObs, Setting
+from plasticity.kron import KronFlags
+from plasticity.layer_resets import LayerResetFlags
+from plasticity.nap import NaPFlags
+from plasticity.optimizer_reset import ResetOptimizerFlags
+from plasticity.optimizers import OptimizerFlags
+from plasticity.parseval import ParsevalFlags
 from plasticity.population import members_of
 from plasticity.regularizers import L2Flags, L2InitFlags
 from plasticity.resets import HeadResetFlags, ReDoFlags, SnPFlags
 from plasticity.streams import MemberRandom
 from plasticity.swr import SWRFlags
+from plasticity.trac import TRACFlags
+from plasticity.weight_clip import WeightClipFlags
 
 #: Every method's flags, in the order of events (see the module docstring).
-METHODS: tuple[type[MethodFlags], ...] = (L2Flags, L2InitFlags, CBPFlags, SWRFlags, SnPFlags, ReDoFlags,
-                                          HeadResetFlags)
+METHODS: tuple[type[MethodFlags], ...] = (OptimizerFlags, TRACFlags, KronFlags, L2Flags, L2InitFlags, ParsevalFlags,
+                                          CChainFlags, CBPFlags, SWRFlags, NaPFlags, WeightClipFlags,
+                                          ResetOptimizerFlags, HareTortoiseFlags, LayerResetFlags, SnPFlags,
+                                          ReDoFlags, HeadResetFlags, PlasticityInjectionFlags)
 
 
 DEFAULT_SETTING = Setting()
@@ -83,6 +96,16 @@ def check_combinations(flags, setting: Setting = DEFAULT_SETTING) -> None:
     if swr and injection_on(flags):
         raise ValueError("--swr with plasticity injection: SWR's theorem needs every layer rescaled, and the frozen "
                          "injected heads are not; drop one of them")
+    if injection_on(flags):
+        # [U] R2 (frozen tensors are never rewritten) against methods whose rewrite would reach them: after an
+        # injection the last hidden block (last:2) or the head is frozen, so a unit replacement would have to
+        # zero outgoing weights in a frozen tensor, and a head reset would re-draw a frozen head.
+        clashing = [flag for flag, name in (("--cbp", "cbp"), ("--redo-every", "redo_every"),
+                                            ("--reset-head-every", "reset_head_every")) if _on(flags, name)]
+        if clashing:
+            raise ValueError(f"plasticity injection with {' '.join(clashing)}: after the injection the original "
+                             "head is frozen, and these methods would rewrite it (or zero its input columns), which "
+                             "no frozen tensor may undergo; drop one of them")
     if _on(flags, "weight_clip") and _on(flags, "parseval"):
         raise ValueError("--weight-clip with --parseval: clipping bounds come from a uniform initialiser, and "
                          "--parseval switches to an orthogonal one (no bound s_l)")

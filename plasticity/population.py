@@ -200,8 +200,12 @@ CONV_LAYERS = (nn.Conv2d, MemberConv2d)
 
 
 def is_member_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a member layer (its parameters carry the member dimension)."""
-    return isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm))
+    """Whether ``module`` is a member layer (its parameters carry the member dimension).
+
+    Other modules whose parameters are member-first (Parseval's diagonal layers) say so with a
+    class attribute ``member_module = True``.
+    """
+    return isinstance(module, (*MEMBER_WEIGHT_LAYERS, MemberLayerNorm)) or getattr(module, "member_module", False)
 
 
 def weight_param(layer: nn.Module) -> nn.Parameter:
@@ -254,8 +258,7 @@ def member_parameters(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     if members == 1:
         return dict(model.named_parameters()) | dict(model.named_buffers())
     sliced = {}
-    member_modules = {name for name, m in model.named_modules() if isinstance(m, (*MEMBER_WEIGHT_LAYERS,
-                                                                                  MemberLayerNorm))}
+    member_modules = {name for name, m in model.named_modules() if is_member_module(m)}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         sliced[name] = tensor[index:index + 1] if owner in member_modules else tensor

@@ -27,9 +27,10 @@ When only some rows/columns are reset (CBP, ReDo) the step count is shared with
 the rest of the tensor and stays; the reset entries then restart from zero
 moments with a correction factor ≈ 1, so their first updates are up to
 (1 − β1)/√(1 − β2) ≈ 3.2 times the learning rate (Adam defaults) instead of
-≈ 1 times, settling as the moments fill in (≈ 1/(1 − β2) steps).  Emulating
-per-entry step counts (as Dohare et al.'s AdamGnT does) would need a custom
-optimiser.
+≈ 1 times, settling as the moments fill in (≈ 1/(1 − β2) steps).  With
+``--adam-per-entry-step`` (``optimizers.AdamPerEntryStep``, as Dohare et al.'s AdamGnT)
+the step count is per entry, a state tensor of the parameter's shape, so it is zeroed
+with the moments here and a reset row restarts at η (methods-v2.md §2.3).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from plasticity.networks import (
     fresh_weights,
     hidden_layers,
     layer_map,
+    orthogonal_gain,
     reinit_,
     unit_mask,
 )
@@ -111,10 +113,14 @@ def next_layer_columns(hidden: HiddenLayer, units: torch.Tensor) -> torch.Tensor
     fed by ``units`` (a bool mask ``[M, num_units]``; an ordinary layer also takes a 1-D index).
 
     After a conv -> Flatten -> linear junction, channel c owns the ``spatial``
-    consecutive columns c·S .. c·S + S − 1 (§5, conv -> linear).
+    consecutive columns c·S .. c·S + S − 1 (§5, conv -> linear).  With CReLU/DFF
+    (methods-v2.md §8) unit i of n feeds both halves, outputs i and i + n (conv: channels
+    c and c + C, each with its S columns after a Flatten).
     """
     view = weight_view(hidden.layer)
     mask = unit_mask(units, view.shape[0], view.shape[1], view.device)
+    if hidden.halves > 1:
+        mask = mask.repeat(1, hidden.halves)  # [M, 2n]: unit i -> outputs i and i + n
     return mask.repeat_interleave(hidden.spatial, dim=1) if hidden.spatial > 1 else mask
 
 
@@ -132,14 +138,31 @@ def _row_mask(mask: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
 
 def zero_optimizer_entries_(optimizer: torch.optim.Optimizer | None, layer: nn.Module, param: torch.Tensor,
                             mask: torch.Tensor) -> None:
-    """Zero the per-entry optimiser state (moments, momentum) of ``param``, a parameter of ``layer``, where
-    ``mask`` is True; ``mask`` broadcasts against the member view of ``param`` (``member_view``), so each
-    member's entries are chosen by its own row of the mask and no other member's state is touched."""
+    """Zero the per-entry optimiser state of ``param``, a parameter of ``layer``, where ``mask`` is True;
+    ``mask`` broadcasts against the member view of ``param`` (``member_view``), so each member's entries
+    are chosen by its own row of the mask and no other member's state is touched.
+
+    Per-entry state is every state tensor shaped like ``param``: Adam's/AdamW's m and v, SGD's
+    momentum, the per-entry step count of ``AdamPerEntryStep`` (so a fresh entry restarts at k = 0,
+    methods-v2.md §2.3), UPGD's utility and moments.  Scalar step counts (torch's Adam, UPGD) are
+    shared with the rest of the tensor and stay.  TRAC: the wrapped optimiser's state (θ_ref stays).
+    Kron: only its momentum (``entry_state_keys``, default ``momentum_buffer``), viewed in the
+    parameter's shape when stored with merged dims; Q is kept (§11.2).
+    """
+    while isinstance(getattr(optimizer, "base", None), torch.optim.Optimizer):  # TRAC: its base holds the state
+        optimizer = optimizer.base
     if optimizer is None:
         return
-    for value in optimizer.state.get(param, {}).values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            member_view(layer, param, value).masked_fill_(mask, 0.0)
+    state = optimizer.state.get(param, {})
+    kron = hasattr(optimizer, "reset_state_")  # Kron-like: Q cannot be zeroed
+    keys = getattr(optimizer, "entry_state_keys", ("momentum_buffer",)) if kron else state.keys()
+    for key in keys:
+        value = state.get(key)
+        if not torch.is_tensor(value) or value.dim() == 0 or value.numel() != param.numel():
+            continue
+        if value.shape != param.shape:
+            value = value.view(param.shape)  # merged dims: a view, so the zeros land in the state
+        member_view(layer, param, value).masked_fill_(mask, 0.0)
 
 
 def clear_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> None:
@@ -147,15 +170,22 @@ def clear_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: torch
 
     In a population this clears every member's state of ``param``: whole-tensor resets (head
     reset, S&P with optimiser) run on one schedule for all members, so each member's state is
-    cleared exactly when its single run clears it.
+    cleared exactly when its single run clears it.  Zeroed in place (tensor and host step counts:
+    torch's Adam/AdamW/SGD, ``AdamPerEntryStep``, UPGD); TRAC: the wrapped optimiser's state; Kron:
+    the tensor's state is dropped, so its preconditioner is rebuilt at the next step (§11.2).
     """
+    while isinstance(getattr(optimizer, "base", None), torch.optim.Optimizer):  # TRAC: its base holds the state
+        optimizer = optimizer.base
     if optimizer is None:
+        return
+    if hasattr(optimizer, "reset_state_"):  # Kron-like: Q cannot be zeroed
+        optimizer.state.pop(param, None)
         return
     state = optimizer.state.get(param, {})
     for key, value in state.items():
         if torch.is_tensor(value):
             value.zero_()
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             state[key] = type(value)(0)
 
 
@@ -165,12 +195,7 @@ def _redraw_rows_(layer: nn.Module, mask: torch.Tensor, index: torch.Tensor, ran
     view = weight_view(layer)
     members, count = index.shape
     shape = (count, *view.shape[2:])
-    bound = default_init_bound(layer)
-    if isinstance(random, MemberRandom):
-        fresh = random.symmetric(bound, *shape, dtype=view.dtype).to(view.device)
-    else:
-        fresh = torch.empty(members, *shape, dtype=view.dtype, device=view.device).uniform_(-bound, bound,
-                                                                                          generator=random)
+    fresh = fresh_weights(layer, random, rows=count)  # the layer's own initialiser (orthogonal under --parseval)
     rows = index.view(members, count, *([1] * (view.dim() - 2))).expand(members, *shape)
     listed = mask.gather(1, index)  # an index entry outside the mask keeps its row
     view.scatter_(1, rows, torch.where(_row_mask(listed, fresh), fresh, view.gather(1, rows)))
@@ -187,7 +212,8 @@ def reinitialize_units_(hidden: HiddenLayer, units: torch.Tensor, optimizer: tor
     ``units``: a bool mask ``[M, num_units]`` (member k's row: its units to reset); an ordinary
     one-member layer also takes a 1-D index.  Incoming weights redrawn from the layer's own
     initialiser (member k from its stream of ``random``), incoming bias 0, outgoing weights 0
-    (so the network's output does not jump), a LayerNorm on those units back to γ = 1, β = 0,
+    (so the network's output does not jump; with CReLU/DFF the columns of both halves i and
+    i + n, ``next_layer_columns``), a LayerNorm on those units back to γ = 1, β = 0,
     and the optimiser state of every touched row/column zeroed, per member.  LayerNorm
     normalises across units, so its statistics -- and thereby the other units' normalised
     values -- still change.  No host sync.
@@ -232,6 +258,8 @@ def default_init_bound(layer: nn.Module) -> float:
 def fresh_bias(layer: nn.Module, random: Random = None) -> torch.Tensor:
     """A fresh draw of ``layer``'s bias from PyTorch's default initialiser, ``[M, out]`` (member k: stream k)."""
     bias = bias_view(layer)
+    if orthogonal_gain(layer) is not None:  # an orthogonal init (--parseval) starts its biases at 0
+        return torch.zeros_like(bias)
     bound = default_init_bound(layer)
     if isinstance(random, MemberRandom):
         return random.symmetric(bound, *bias.shape[1:], dtype=bias.dtype).to(bias.device)
@@ -263,6 +291,8 @@ def shrink_and_perturb_(model: nn.Module, alpha: float, random: Random = None,
     SNP_ALPHA.check("snp", alpha)
     check_random(model, random)
     for module in model.modules():
+        if any(not p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # frozen (an injected head, methods-v2.md R2): never rewritten
         if isinstance(module, WEIGHT_LAYERS):
             weight_view(module).lerp_(fresh_weights(module, random), alpha)
             if module.bias is not None:
@@ -276,16 +306,21 @@ def shrink_and_perturb_(model: nn.Module, alpha: float, random: Random = None,
             clear_optimizer_state_(optimizer, param)
 
 
-def dormant_scores(activations: torch.Tensor) -> torch.Tensor:
+def dormant_scores(activations: torch.Tensor, halves: int = 1) -> torch.Tensor:
     """ReDo score s_i = E_batch|h_i| / ((1/n)·Σ_k E_batch|h_k|) of each unit, per member (§7).
 
     ``activations``: member-first ``[M, B, n]`` or ``[M, B, C, H, W]`` (conv: a unit is a channel,
     averaged over H, W too), as ``ActivationRecorder`` stores them.  Returns ``[M, n]``; each
     member is normalised by its own layer mean.  A member whose units are all exactly 0 scores
     0 everywhere (all dormant) instead of 0/0.
+
+    ``halves = 2`` (CReLU/DFF, methods-v2.md §8; ``HiddenLayer.halves``): the activations are
+    ``[M, B, 2n, ...]`` and unit i's activity is E|h_i| + E|h_{i+n}|, normalised as above.
     """
     reduce_dims = (1, 3, 4) if activations.ndim == 5 else (1,)
     mean_abs = activations.abs().mean(dim=reduce_dims)
+    if halves > 1:
+        mean_abs = mean_abs.view(mean_abs.shape[0], halves, -1).sum(1)
     layer_mean = mean_abs.mean(dim=1, keepdim=True)
     return torch.where(layer_mean > 0, mean_abs / layer_mean, torch.zeros_like(mean_abs))
 
@@ -326,7 +361,7 @@ class ReDo:
                 self.model(obs)
         finally:
             self.model.train(was_training)
-        return {hidden.name: dormant_scores(recorder.post[hidden.name]) <= self.tau for hidden in self.layers}
+        return {hidden.name: dormant_scores(recorder.post[hidden.name], hidden.halves) <= self.tau for hidden in self.layers}
 
     @torch.no_grad()
     def reset(self, obs: torch.Tensor) -> torch.Tensor:
@@ -394,6 +429,7 @@ class ShrinkAndPerturb(CountedEvent):
     def _apply(self) -> None:
         shrink_and_perturb_(self.model, self.alpha, self.random)
         self.events.add()
+        self.rewrote = True  # a discrete rewrite (C-CHAIN refreshes its reference)
 
     def after_update(self, previous, update, sample_obs) -> None:
         if crossed(previous, update, self.every):
@@ -422,29 +458,7 @@ class PeriodicReDo(CountedEvent):
             raise ValueError("ReDo is on (--redo-every > 0): pass sample_obs, a function returning a batch of "
                              "replay observations, to after_step")
         self.events.add(self.redo.reset(sample_obs(self.batch_size)))
-
-
-class HeadReset(CountedEvent):
-    """Head reset (and its target copy) every ``every`` updates, or at task switches when ``every`` is −1 (§8)."""
-
-    name, tag = "reset_head", "plasticity/head_resets"
-
-    def __init__(self, parts: Parts, every: int):
-        super().__init__(parts.model)
-        self.parts, self.every = parts, every
-
-    def _apply(self) -> None:
-        parts = self.parts
-        reset_head_(parts.model, parts.optimizer, parts.target_model, parts.random)
-        self.events.add()
-
-    def after_update(self, previous, update, sample_obs) -> None:
-        if crossed(previous, update, self.every):
-            self._apply()
-
-    def on_task_switch(self) -> None:
-        if self.every == AT_TASK_SWITCHES:
-            self._apply()
+        self.rewrote = True  # (how many units were reset is known on the device only)
 
 
 @dataclass
@@ -491,12 +505,18 @@ class HeadResetFlags(MethodFlags):
     TAGS: ClassVar[dict[str, str]] = {"reset_head_every": "headreset"}
 
     reset_head_every: int = ranged(0, HEAD_RESET_PERIOD)
-    """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off"""
+    """re-initialise the output head (and its target copy) every this many updates; -1: at task switches; 0: off (= --reset-layers last:1 --reset-every-updates N --reset-optimizer-scope touched)"""
 
     def check(self, setting: Setting) -> None:
         if self.reset_head_every == AT_TASK_SWITCHES and not setting.task_switches:
             raise ValueError("--reset-head-every -1: head resets act at task switches, and this run has none (on "
                              "Atari: no --atari-shift); give a period in updates instead")
 
-    def build(self, parts: Parts) -> HeadReset | None:
-        return HeadReset(parts, self.reset_head_every) if self.reset_head_every != 0 else None
+    def build(self, parts: Parts) -> Intervention | None:
+        # The §4 layer reset with last:1, every N updates (or at task switches), optimiser scope touched, target
+        # copy (methods-v2.md §4): name reset_head, scalar plasticity/head_resets, state {"events"} as before.
+        if self.reset_head_every == 0:
+            return None
+        from plasticity.layer_resets import head_reset  # layer_resets builds on this module
+
+        return head_reset(parts, self.reset_head_every)

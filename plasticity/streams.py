@@ -100,6 +100,18 @@ class MemberRandom:
             return self._direct(count, dtype).reshape(self.members, *shape).mul_(2.0).sub_(1.0).mul_(bound)
         return ((self.uniform(*shape) * 2.0 - 1.0) * bound).to(dtype)
 
+    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[M, *shape] standard normals in ``dtype`` (orthogonal init draws), straight from each member's generator.
+
+        Not served from the uniform pool (which keeps its values for the other draws); like a large
+        ``symmetric`` draw it advances member k's generator by what ``torch.randn`` takes.
+        """
+        count = math.prod(shape)
+        out = torch.empty(self.members, count, dtype=dtype, device=self.device)
+        for k, generator in enumerate(self.generators):  # init/reset events only, never a per-update path
+            torch.randn(count, generator=generator, device=self.device, dtype=dtype, out=out[k])
+        return out.reshape(self.members, *shape)
+
     def permutations(self, n: int) -> torch.Tensor:
         """[M, n] int64: an independent uniformly random permutation of 0..n-1 per member."""
         return torch.argsort(self.uniform(n), dim=1)

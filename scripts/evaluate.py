@@ -42,6 +42,7 @@ from agents.harness.checkpoint import load_state_dict_file  # noqa: E402
 from agents.harness.evaluation import Evaluator  # noqa: E402
 from envs.atari_scores import human_normalized  # noqa: E402
 from envs.factory import AgentEnv, env_family  # noqa: E402
+from plasticity.injection import restore_injected_  # noqa: E402
 from plasticity.losses import CATEGORICAL_LOSSES, CategoricalSupport, c51_atoms  # noqa: E402
 from scripts.analysis.stats import stratified_bootstrap_ci  # noqa: E402
 
@@ -195,6 +196,7 @@ def load_into(network: torch.nn.Module, weights: dict, path: Path, agent: str) -
         detail = " ".join(str(error).split())
         raise EvaluateError(f"{path} does not hold this run's {agent} network "
                             f"({detail[:300]}{'...' if len(detail) > 300 else ''})") from None
+    restore_injected_(network)  # --plasticity-injection-at: the injected heads the weights hold join the forward
 
 
 def member_env_state(state: dict, population: Population) -> dict:
@@ -291,6 +293,7 @@ def evaluate(options) -> list[str]:
         own = network.state_dict()
         network = q_network(agent, eval_args, tuple(obs_shape), num_actions, device)
         network.load_state_dict({name: tensor.expand(members, *tensor.shape[1:]) for name, tensor in own.items()})
+        restore_injected_(network)
     name = f"evaluate_{global_step}" + ("" if options.seed is None else f"_seed{options.seed}")
     video_path = run_folder.video_path(run_dir, name) if options.capture_video else None
     with tempfile.TemporaryDirectory() as scratch:  # the other members' videos, if any, are not kept

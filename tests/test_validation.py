@@ -50,8 +50,11 @@ def _cases():
 
 @pytest.mark.parametrize("agent, name, value", list(_cases()))
 def test_every_out_of_range_value_is_one_error_and_leaves_nothing(agent, name, value, tmp_path, mnist_dir, capsys):
-    argv = [*_base_argv(tmp_path, mnist_dir), f"--{flag_name(name)}", f"{value:g}" if isinstance(value, float)
-            else str(value)]
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    # A fixed-length tuple flag (--adam-betas B1 B2) takes that many values: give the bad one in every slot.
+    hint = typing.get_type_hints(AGENTS[agent].Args)[name]
+    slots = len(typing.get_args(hint)) if typing.get_origin(hint) is tuple else 1
+    argv = [*_base_argv(tmp_path, mnist_dir), f"--{flag_name(name)}", *[text] * slots]
     line = _one_clear_error(agent, argv, capsys)
     assert f"--{flag_name(name)}" in line
     assert not (tmp_path / "runs").exists()

@@ -342,8 +342,10 @@ def run_tag(args: CommonArgs) -> str:
             parts.append(short)
         elif isinstance(value, list):
             parts.append(f"{short}_{'+'.join(map(str, value))}")
-        else:
-            parts.append(f"{short}_{value:g}" if isinstance(value, float) else f"{short}_{value}")
+        elif isinstance(value, float):
+            parts.append(f"{short}_{value:g}")
+        else:  # a folder name: no ':' (Windows, W&B), lists joined by '+'
+            parts.append(f"{short}_{str(value).replace(':', '').replace(',', '+')}")
     return "-".join(parts) or "base"
 
 
@@ -435,6 +437,14 @@ def validate(args: CommonArgs, *, is_atari: bool, categorical: bool) -> None:
           "run without --bf16 on this GPU")
     check(args.buffer_device in ("cpu", "auto") or torch.cuda.is_available(),
           "--buffer-device cuda needs a CUDA device")
+    check(args.activation != "relu" or args.activation_width == "double",
+          "--activation-width only acts with --activation crelu or dff; add one or drop the flag")
+    if args.hare_tortoise and args.hare_tortoise_target == "tortoise":
+        default_period = next(f.default for f in dataclasses.fields(type(args)) if f.name == "target_network_frequency")
+        check(args.target_network_frequency == default_period,
+              f"--target-network-frequency {args.target_network_frequency} with --hare-tortoise-target tortoise: the "
+              "tortoise (an EMA of the online network, every gradient step) is the target, there are no hard syncs; "
+              "drop one of them")
     if args.replay_ratio is not None:
         check(replay_settings(args.replay_ratio, args.num_envs) == (args.train_frequency, args.gradient_steps),
               f"--replay-ratio {args.replay_ratio:g} and --train-frequency {args.train_frequency} --gradient-steps "

@@ -313,9 +313,11 @@ class Run:
         args, obs_shape = self.args, self.envs.obs_shape
         network = default_network(obs_shape) if args.network == "auto" else args.network
         try:
-            check_torso(network, obs_shape, hidden_sizes=args.hidden_sizes)
+            check_torso(network, obs_shape, hidden_sizes=args.hidden_sizes, activation=args.activation,
+                        activation_width=args.activation_width)
         except ValueError as error:
-            raise ConfigError(f"{error} ({args.env_id}); choose another --network") from None
+            advice = "choose another --network" if "--activation" not in str(error) else "change the widths"
+            raise ConfigError(f"{error} ({args.env_id}); {advice}") from None
 
     def _plan_memory(self) -> None:
         """Spec populations.md §4.3: every member's replay buffer is sized before anything is allocated."""
@@ -472,7 +474,7 @@ class Run:
         """A hard target sync in the env steps (before, global_step]: every --target-network-frequency env steps
         after learning starts; never when the tortoise is the target (--hare-tortoise-target tortoise)."""
         args = self.args
-        if getattr(args, "hare_tortoise", False) and args.hare_tortoise_target == "tortoise":
+        if args.hare_tortoise and args.hare_tortoise_target == "tortoise":
             return False
         return global_step > args.learning_starts and crossed(before, global_step, args.target_network_frequency)
 

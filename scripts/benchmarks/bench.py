@@ -3,6 +3,7 @@
     python scripts/benchmarks/bench.py env            # image-MDP env steps/s at 1, 64, 1024 envs
     python scripts/benchmarks/bench.py atari          # AtariVectorEnv vs wrappers, replay buffer add/sample, bytes/transition
     python scripts/benchmarks/bench.py plasticity     # SWR and CBP cost per update (Nature CNN)
+    python scripts/benchmarks/bench.py methods        # every methods-v2 method: cost per update (Nature CNN, MNIST MLP)
     python scripts/benchmarks/bench.py diagnostics    # one diagnostics event vs training time
     python scripts/benchmarks/bench.py agents         # DQN/C51 training SPS vs compute floor, image-MDP training SPS
     python scripts/benchmarks/bench.py reference      # DQN/C51 SPS vs a CleanRL-style loop, alternating runs (bench extra)
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file from a source checkout
 
-BENCHMARKS = {name: f"scripts.benchmarks.bench_{name}" for name in ("env", "atari", "plasticity", "diagnostics", "agents", "reference",
+BENCHMARKS = {name: f"scripts.benchmarks.bench_{name}" for name in ("env", "atari", "plasticity", "methods", "diagnostics", "agents", "reference",
                                                                       "population")}
 
 

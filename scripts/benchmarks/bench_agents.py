@@ -36,6 +36,7 @@ from envs.replay_buffer import make_replay_buffer
 from plasticity.interventions import Interventions
 from plasticity.losses import CATEGORICAL_LOSSES, CategoricalSupport, c51_atoms
 from plasticity.networks import init_generators, torso_precision
+from plasticity.optimizers import build_optimizer
 from plasticity.streams import MemberRandom, stream_seed
 
 AGENTS = {"dqn": dqn, "c51": c51}
@@ -56,7 +57,8 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interventions: Interventions) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interventions: Interventions,
+                   sample_obs=None) -> None:
     """The update lines of the main loop of agents/dqn.py and agents/c51.py; keep them in step with it.
 
     The floor leaves out the loop's bookkeeping around them (``run.log_update`` and
@@ -65,7 +67,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, interve
     """
     optimizer.zero_grad()
     # Each member's loss [M] reaches only its own weights: the sum gives every member its own gradient.
-    (loss.sum() + interventions.penalty()).backward()
+    (loss.sum() + interventions.penalty(loss, sample_obs=sample_obs)).backward()
     optimizer.step()
 
 
@@ -85,21 +87,19 @@ class AgentUpdate:
     def __init__(self, module, args, env, buffer):
         device = torch.device("cuda" if args.cuda else "cpu")
         torch.backends.cudnn.deterministic = args.torch_deterministic  # as the run harness sets it
-        # The QNetwork's last argument and Adam's keywords, as in each agent's main().
+        # The QNetwork's last argument, as in each agent's main().
         if module is c51:
             head = c51_atoms(args.v_min, args.v_max, args.n_atoms, device=device)
-            adam = dict(eps=args.adam_eps)
         else:
             head = (CategoricalSupport(args.v_min, args.v_max, args.n_atoms, device=device,
                                        sigma_ratio=args.hl_gauss_sigma) if args.loss in CATEGORICAL_LOSSES else None)
-            adam = {}
         self.module, self.args, self.buffer = module, args, buffer
         self.seeds = [args.seed + k for k in range(args.num_seeds)]  # the population's members, as run.seeds
         if buffer.members != len(self.seeds):
             raise ValueError(f"the buffer holds {buffer.members} member(s); --num-seeds {args.num_seeds} needs as many")
         self.q_network = module.QNetwork(env.obs_shape, env.num_actions, args, head,
                                          init_generators(self.seeds)).to(device)
-        self.optimizer = torch.optim.Adam(self.q_network.parameters(), lr=args.learning_rate, fused=True, **adam)
+        self.optimizer = build_optimizer(self.q_network, args, args.learning_rate, seeds=self.seeds)
         self.target_network = module.QNetwork(env.obs_shape, env.num_actions, args, head).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
         # The args' methods (none by default: penalty() is 0), with the facts a run gives them (its env family).
@@ -115,7 +115,7 @@ class AgentUpdate:
         batch = self.buffer.sample(self.args.batch_size)
         with torso_precision(torch.bfloat16 if self.args.bf16 else None):  # the loop's run.mixed_precision()
             loss, _ = self.module.td_loss(self.q_network, self.target_network, batch, self.args)
-        optimizer_step(self.optimizer, loss, self.interventions)
+        optimizer_step(self.optimizer, loss, self.interventions, self.buffer.sample_obs)
 
     def __call__(self) -> None:
         self.learn()
