@@ -1,24 +1,33 @@
-"""Every plasticity method behind one object, for the agents or any PyTorch loop (spec methods.md §2-§8).
+"""Every plasticity method behind one object, for the agents or any PyTorch loop (spec methods.md, methods-v2.md).
 
 The loop stays a few visible lines:
 
+    optimizer = build_optimizer(q_network, args, args.learning_rate)   # --optimizer, --trac (plasticity.optimizers)
     interventions = Interventions(q_network, optimizer, args, target_model=target_network, seed=args.seed)
     # or, flags as keywords: Interventions(model, optimizer, swr=1e-3, cbp=True, redo_every=100)
-    loss = td_loss + interventions.penalty()                   # L2, L2-Init
-    optimizer.zero_grad(); loss.backward(); optimizer.step()
-    interventions.after_step(update, sample_obs)               # CBP, SWR, S&P, ReDo, head reset
-    if task_switched: interventions.on_task_switch()           # S&P / head reset "at task switches"
+    for each gradient step:
+        loss = td_loss + interventions.penalty(td_loss_per_member, sample_obs)  # L2, L2-Init, Parseval, C-CHAIN
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        interventions.after_step(update, sample_obs)   # CBP, SWR/NaP, clipping, tortoise EMA, LR schedule, S&P, ReDo
+    after each env step (and the target sync):
+        interventions.after_env_step(previous_t, t, synced=..., task_switched=..., sample_obs=...)
+        # optimiser resets, layer/hare resets, injection, the "at task switches" events
 
 ``METHODS`` lists each method's flags class once; that is the only registration a
 new method needs (its module holds the flags, their ranges and rules, and the
-construction).  Its order is the order of events: penalties L2 then L2-Init; after
-an update CBP first (its bias correction is exact for the network whose forward it
-recorded), then SWR (which then scales that network by exactly Π c), then the
-periodic resets S&P, ReDo, head reset; at a task switch S&P, then the head reset.
+construction).  Its order is the order of events of methods-v2.md §0: penalties
+(L2, L2-Init, Parseval, C-CHAIN); after an update CBP first (its bias correction is
+exact for the network whose forward it recorded), then SWR or NaP (which then scale
+that network), weight clipping, the tortoise's EMA, then the update-counted resets
+(S&P, ReDo, head reset); after an env step the optimiser reset on a target sync,
+layer and hare resets, injection, then the task-switch events and the optimiser
+reset "every N".  ``check_combinations`` holds the rules between two methods.
 
-Schedules: ``after_step(update)`` takes the update count; a method with period N
-fires whenever a multiple of N is reached since the previous call.  All methods
-draw from one generator seeded from the run seed (never the seed itself, pitfall 4).
+Schedules: ``after_step(update)`` takes the update count, ``after_env_step(previous_t, t)``
+the env steps; a method with period N fires whenever a multiple of N is reached since
+the previous call.  All methods draw from per-member streams seeded from the run seed
+(never the seed itself, pitfall 4).  A method that rewrites parameters in a discrete
+event sets ``rewrote``; every method then hears ``on_rewrite()`` (C-CHAIN's reference refresh).
 """
 
 from __future__ import annotations

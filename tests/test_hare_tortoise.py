@@ -5,34 +5,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
 
 from plasticity.hare_tortoise import HareTortoise, HareTortoiseFlags
 from plasticity.intervention import Parts, Setting
 from plasticity.layer_resets import LayerResetFlags
-from plasticity.networks import build_torso, init_generators
-from plasticity.population import MemberLinear
 from plasticity.streams import MemberRandom
+from tests.test_layer_resets import QNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OBS = (5,)
 ENVS = 4  # env steps per update in Run.train (train frequency 4, one env)
-
-
-class QNet(nn.Module):
-    def __init__(self, seeds, layer_norm=True):
-        super().__init__()
-        generators = init_generators(seeds)
-        self.torso = build_torso("mlp", OBS, layer_norm=layer_norm, hidden_sizes=(16, 12), members=len(seeds),
-                                 generators=generators)
-        self.head = MemberLinear(len(seeds), self.torso.out_features, 3, generators=generators)
-
-    def forward(self, x):
-        return self.head(self.torso(x))
-
-    def q_values(self, x):
-        return self.forward(x)
 
 
 class Run:

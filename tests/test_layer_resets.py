@@ -33,6 +33,9 @@ class QNet(nn.Module):
     def forward(self, x):
         return self.head(self.torso(x))
 
+    def q_values(self, x):
+        return self.forward(x)
+
 
 class Run:
     """A population (float64: the batched kernels of 2 members round like the plain one), its target, Adam,

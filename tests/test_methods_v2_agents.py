@@ -49,12 +49,16 @@ def atari_args(agent: str, tmp_path, **toggles):
                               cuda=False, checkpoint_every=0, **toggles)
 
 
-@pytest.mark.parametrize("agent", ["dqn", "c51"])
-def test_layer_resets_and_hare_resets_run_on_a_real_atari_rom(agent, tmp_path):
-    resets = finite_tags(run_agent(atari_args(agent, tmp_path / "resets", reset_layers="last:1", reset_every=100)),
-                         {"plasticity/layer_resets", "losses/td_loss"})
-    assert resets["plasticity/layer_resets"][-1][1] == 2  # t = 200, 300
-    hare = finite_tags(run_agent(atari_args(agent, tmp_path / "hare", hare_tortoise=True,
+def test_layer_resets_injection_and_hare_resets_run_on_a_real_atari_rom(tmp_path):
+    """DQN: the head re-drawn at t = 200, 300 and a last:1 injection at 250 (the reset then skips the frozen head
+    and re-draws nothing it may not); C51: hare resets at t = 200, 300."""
+    flags = dict(reset_layers="last:2", reset_every=100, plasticity_injection_at=[250],
+                 plasticity_injection_head="last:1")
+    resets = finite_tags(run_agent(atari_args("dqn", tmp_path / "resets", **flags)),
+                         {"plasticity/layer_resets", "plasticity/injections", "losses/td_loss"})
+    assert resets["plasticity/layer_resets"][-1][1] == 2
+    assert resets["plasticity/injections"][-1][1] == 1
+    hare = finite_tags(run_agent(atari_args("c51", tmp_path / "hare", hare_tortoise=True,
                                             hare_tortoise_reset_every=100)), {"plasticity/hare_resets"})
     assert hare["plasticity/hare_resets"][-1][1] == 2
 
@@ -213,14 +217,14 @@ def test_population_member_logs_what_its_single_run_logs(group, tmp_path, mnist_
     run_agent(mdp_args("dqn", tmp_path / "pop", mnist_dir, seed=3, num_seeds=2, **toggles))
     for seed, member in zip([3, 4], member_dirs(tmp_path / "pop", "run", [3, 4])):
         single = run_agent(mdp_args("dqn", tmp_path / f"single{seed}", mnist_dir, seed=seed, **toggles))
-        assert_scalars_close(read_scalars(member), read_scalars(single))
+        # C-CHAIN's coefficient divides by the churn, a mean of squared differences of nearly equal Q-values:
+        # batched and single kernels' rounding (1e-7) reaches it amplified, so it gets 1e-3.
+        assert_scalars_close(read_scalars(member), read_scalars(single), rtol=1e-3 if "c_chain" in toggles else 1e-4)
 
 
 @pytest.mark.parametrize("agent, head", [("dqn", "last:2"), ("c51", "last:1")])
-def test_injection_runs_on_mnist_and_on_a_real_atari_rom(agent, head, tmp_path, mnist_dir):
+def test_injection_runs_on_mnist(agent, head, tmp_path, mnist_dir):
     flags = dict(plasticity_injection_at=[200], plasticity_injection_head=head)
-    scalars = finite_tags(run_agent(mdp_args(agent, tmp_path / "mnist", mnist_dir, **flags)),
-                          {"plasticity/injections"})
+    scalars = finite_tags(run_agent(mdp_args(agent, tmp_path, mnist_dir, **flags)), {"plasticity/injections"})
+    assert [value for step, value in scalars["plasticity/injections"] if step < 200] == [0.0] * 3  # 50, 100, 150
     assert [value for step, value in scalars["plasticity/injections"] if step >= 200][0] == 1
-    atari = finite_tags(run_agent(atari_args(agent, tmp_path / "atari", **flags)), {"plasticity/injections"})
-    assert atari["plasticity/injections"][-1][1] == 1
