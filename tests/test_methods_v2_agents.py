@@ -228,3 +228,25 @@ def test_injection_runs_on_mnist(agent, head, tmp_path, mnist_dir):
     scalars = finite_tags(run_agent(mdp_args(agent, tmp_path, mnist_dir, **flags)), {"plasticity/injections"})
     assert [value for step, value in scalars["plasticity/injections"] if step < 200] == [0.0] * 3  # 50, 100, 150
     assert [value for step, value in scalars["plasticity/injections"] if step >= 200][0] == 1
+
+
+# The README's recipes, at tiny size (periods scaled from 20k/100k to 100/400 env steps).
+RECIPES = {
+    "primacy-bias": dict(reset_layers="last:1", reset_every=100, no_resets_after=400),
+    "bbf-resets": dict(replay_ratio=2.0, reset_layers="last:2", reset_shrink=0.5, reset_perturb=0.5, reset_every=100,
+                       no_resets_after=400),
+    "dohare-sgd": dict(cbp=True, optimizer="sgd", learning_rate=0.01),
+    "dohare-adam": dict(cbp=True, adam_betas=(0.99, 0.99)),
+    "lyle-2024": dict(layer_norm=True, l2=1e-5, loss="hl_gauss"),
+    "nap": dict(layer_norm=True, nap=True, lr_schedule="linear"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_readme_recipe_runs(recipe, tmp_path, mnist_dir):
+    flags = RECIPES[recipe]
+    scalars = finite_tags(run_agent(mdp_args("dqn", tmp_path, mnist_dir, **flags)), {"losses/td_loss"})
+    if "reset_layers" in flags:  # t = 200, 300 (learning starts at 100; 400 + 100 > 400)
+        assert scalars["plasticity/layer_resets"][-1][1] == 2
+    if "cbp" in flags:
+        assert "plasticity/cbp_replacements" in scalars

@@ -11,6 +11,7 @@ it has data.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -184,8 +185,24 @@ def test_the_dashboard_leaves_out_charts_a_run_does_not_fill():
 
 
 def test_every_plasticity_method_has_a_chart():
-    """A new method in plasticity.interventions.METHODS needs its chart in tracking.METHOD_CHARTS."""
-    assert {next(iter(method.TAGS)) for method in METHODS} == set(METHOD_CHARTS)
+    """A new method in plasticity.interventions.METHODS that logs a scalar needs its chart in tracking.METHOD_CHARTS
+    (keyed by the flag that turns it on); Kron (an optimiser) logs nothing of its own."""
+    without_scalars = {"KronFlags"}
+    for method in METHODS:
+        fields = {f.name for f in dataclasses.fields(method)}
+        has_chart = bool(fields & set(METHOD_CHARTS))
+        assert has_chart != (method.__name__ in without_scalars), method.__name__
+    all_fields = {f.name for method in METHODS for f in dataclasses.fields(method)}
+    assert set(METHOD_CHARTS) <= all_fields
+
+
+def test_the_methods_chart_follows_the_flags_that_turn_methods_on():
+    charts = dashboard_layout({"reset_optimizer": "target-update", "lr_schedule": "linear", "c_chain": True,
+                               "plasticity_injection_at": [100]})["plasticity: methods"]
+    assert set(charts) == {"optimiser resets", "learning rate", "C-CHAIN coefficient and churn loss", "injections"}
+    assert charts["C-CHAIN coefficient and churn loss"][1] == ["plasticity/c_chain_coef$", "losses/c_chain_loss$"]
+    assert "plasticity: methods" not in dashboard_layout({"reset_optimizer": "off", "lr_schedule": "constant",
+                                                          "plasticity_injection_at": []})
 
 
 def test_c51_categorical_swr_scale_is_on_the_methods_chart():

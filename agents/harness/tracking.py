@@ -56,7 +56,21 @@ METHOD_CHARTS = {
     "snp": ("Shrink & Perturb applications", "plasticity/snp_applications"),
     "redo_every": ("ReDo resets", "plasticity/redo_resets"),
     "reset_head_every": ("head resets", "plasticity/head_resets"),
+    "lr_schedule": ("learning rate", "charts/learning_rate"),
+    "trac": ("TRAC scale", "optim/trac_scale"),
+    "parseval": ("Parseval penalty", "plasticity/parseval_penalty"),
+    "c_chain": ("C-CHAIN coefficient and churn loss", ("plasticity/c_chain_coef", "losses/c_chain_loss")),
+    "nap": ("NaP norm ratio", "plasticity/nap_norm_ratio"),
+    "weight_clip": ("weight-clip fraction", "plasticity/weight_clip_frac"),
+    "reset_optimizer": ("optimiser resets", "optim/optimizer_resets"),
+    "hare_tortoise": ("hare resets", "plasticity/hare_resets"),
+    "reset_layers": ("layer resets", "plasticity/layer_resets"),
+    "plasticity_injection_at": ("injections", "plasticity/injections"),
+    "plasticity_injection_at_task_switch": ("injections", "plasticity/injections"),
 }
+
+#: Values of a method's flag that leave it off (``--reset-optimizer off``, ``--lr-schedule constant``, 0, ...).
+OFF_VALUES = (None, False, 0, "", "off", "constant", [])
 
 #: Diagnostics (plasticity/diagnostics.py) by group; the unit metrics and weight_norm have per-layer tags too.
 UNIT_METRICS = ("dead_frac", "linearized_frac", "dormant_frac", "preact_mean_abs", "preact_std")
@@ -130,7 +144,8 @@ def dashboard_layout(config: dict) -> dict:
         probes["probe_fit_loss"] = _exactly("plasticity/probe_fit_loss")
     if probes:
         layout["plasticity: probes"] = probes
-    methods = {title: _exactly(tag) for flag, (title, tag) in METHOD_CHARTS.items() if config.get(flag)}
+    methods = {title: _exactly(*((tag,) if isinstance(tag, str) else tag))
+               for flag, (title, tag) in METHOD_CHARTS.items() if config.get(flag) not in OFF_VALUES}
     if methods:
         layout["plasticity: methods"] = methods
     layout["run"] = {"SPS": _exactly("charts/SPS"), "epsilon": _exactly("charts/epsilon"),
