@@ -38,6 +38,7 @@ import dataclasses
 import math
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -186,10 +187,20 @@ def _balance(factors: list[torch.Tensor]) -> None:
         q.mul_(_per_member(scale[:, k], q.dim()))
 
 
+def _probe(shape: torch.Size, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """The probe V ``[M, ...]``: from one generator, or member k's rows from generator k (what its single run draws)."""
+    if len(generators) == 1:
+        return torch.randn(shape, generator=generators[0], device=device, dtype=dtype)
+    if len(generators) != shape[0]:
+        raise ValueError(f"Kron has {len(generators)} member seeds for a tensor of {shape[0]} members")
+    return torch.stack([torch.randn(shape[1:], generator=generator, device=device, dtype=dtype)
+                        for generator in generators])  # M draws at a preconditioner update (p <= 1 of the steps)
+
+
 def _update_factors(factors: list[torch.Tensor], exprs: _Exprs, g: torch.Tensor, precond_lr: float, tiny: float,
-                    generator: torch.Generator) -> None:
+                    generators: list[torch.Generator]) -> None:
     """One PSGD step of every factor from the pair (V, G + tiny·V); perturbs ``g`` in place, as the package does."""
-    v = torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
+    v = _probe(g.shape, generators, g.device, g.dtype)
     # sqrt(float32 eps) as a host float (the package's device scalar, without a host-to-device copy per step)
     g += math.sqrt(torch.finfo(torch.float32).eps) * _per_member(g.abs().flatten(1).mean(1), g.dim()) * v
     conj_b = _apply_inverse_factors(v, factors)
@@ -220,13 +231,16 @@ class Kron(torch.optim.Optimizer):
     ``member_dim``: whether the parameters are member-first ``[M, ...]`` (independent factors per
     member); None infers it (every parameter ≥ 2-D with one common dim-0 size, as in
     ``plasticity.networks`` models) -- pass it for an ordinary model whose parameters look like that.
-    ``seed``: the probe generator's seed (default ``torch.initial_seed()``).
+    ``seed``: the probe generator's seed (default ``torch.initial_seed()``), or one seed per member
+    (a population's run seeds): member k then draws its probes from its own generator, so it makes
+    exactly the draws of the single run with seed k.
     """
 
     def __init__(self, params_or_groups, lr: float = 3e-4, b1: float = 0.9, weight_decay: float = 0.0,
                  precond_lr: float = 0.1, max_size_triangular: int = 8192, memory_save_mode: str | None = None,
                  min_ndim_triangular: int = 2, momentum_into_precond_update: bool = True,
-                 precond_init_scale: float = 1.0, precond_dtype: torch.dtype | None = None, *, member_dim: bool | None = None, seed: int | None = None):
+                 precond_init_scale: float = 1.0, precond_dtype: torch.dtype | None = None, *, member_dim: bool | None = None,
+                 seed: int | Sequence[int] | None = None):
         if memory_save_mode not in (None, *MEMORY_SAVE_MODES):
             raise ValueError(f"unknown memory_save_mode {memory_save_mode!r}; choose one of "
                              f"{', '.join(MEMORY_SAVE_MODES)}")
@@ -239,11 +253,12 @@ class Kron(torch.optim.Optimizer):
         super().__init__(params_or_groups, defaults)
         params = [p for group in self.param_groups for p in group["params"]]
         self.member_dim = _member_first(params) if member_dim is None else bool(member_dim)
-        self.seed = int(torch.initial_seed() if seed is None else seed)
+        seeds = [torch.initial_seed()] if seed is None else [seed] if isinstance(seed, int) else list(seed)
+        self.seeds = [int(s) for s in seeds]
         self._prob_step = 0
         self._update_counter = 0
         self.rng = random.Random(42)
-        self._generator: torch.Generator | None = None
+        self._generators: list[torch.Generator] | None = None
         self._exprs: dict[tuple[bool, ...], _Exprs] = {}
 
     # -- shapes --
@@ -252,11 +267,14 @@ class Kron(torch.optim.Optimizer):
         members, shape = (p.shape[0], tuple(p.shape[1:])) if self.member_dim else (1, tuple(p.shape))
         return (members, *(merged_shape(shape) or (1,)))
 
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
+    @property
+    def seed(self) -> int | list[int]:
+        return self.seeds[0] if len(self.seeds) == 1 else list(self.seeds)
+
+    def _generators_for(self, device: torch.device) -> list[torch.Generator]:
+        if self._generators is None:
+            self._generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        return self._generators
 
     def _init_factors(self, shape: tuple[int, ...], group: dict, device: torch.device) -> list[torch.Tensor]:
         members, dims = shape[0], shape[1:]
@@ -323,7 +341,7 @@ class Kron(torch.optim.Optimizer):
                     source = debiased if group["momentum_into_precond_update"] else \
                         p.grad.reshape(shape).to(dtype)
                     _update_factors(factors, exprs, source, group["precond_lr"], torch.finfo(dtype).tiny,
-                                    self._generator_for(p.device))
+                                    self._generators_for(p.device))
                 update = _einsum_chain(exprs.P, *factors, *factors, debiased)
                 rms = update.square().flatten(1).mean(1).sqrt().add(1e-12)
                 update.mul_(_per_member(torch.clamp(1.1 / rms, max=1.0), update.dim()))
@@ -349,7 +367,7 @@ class Kron(torch.optim.Optimizer):
         state = super().state_dict()
         state["kron"] = {"prob_step": self._prob_step, "update_counter": self._update_counter,
                          "rng": self.rng.getstate(), "seed": self.seed,
-                         "generator": None if self._generator is None else self._generator.get_state()}
+                         "generator": None if self._generators is None else [g.get_state() for g in self._generators]}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -362,12 +380,15 @@ class Kron(torch.optim.Optimizer):
         self._update_counter = int(extra["update_counter"])
         version, internal, gauss = extra["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        self.seed = int(extra["seed"])
-        if extra["generator"] is None:
-            self._generator = None
-        else:
+        saved = extra["seed"]
+        self.seeds = [int(saved)] if isinstance(saved, int) else [int(s) for s in saved]
+        self._generators = None
+        if extra["generator"] is not None:
+            states = extra["generator"] if isinstance(extra["generator"], list) else [extra["generator"]]
             params = [p for group in self.param_groups for p in group["params"]]
-            self._generator_for(params[0].device if params else torch.device("cpu")).set_state(extra["generator"])
+            generators = self._generators_for(params[0].device if params else torch.device("cpu"))
+            for generator, generator_state in zip(generators, states, strict=True):
+                generator.set_state(generator_state)
 
 
 # --- flags ---------------------------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ def build_optimizer(model: nn.Module, flags, lr: float, seeds: Sequence[int] | N
                          weight_decay=weight_decay, precond_lr=getattr(flags, "kron_precond_lr", 0.1),
                          max_size_triangular=getattr(flags, "kron_max_size_triangular", 8192),
                          memory_save_mode=getattr(flags, "kron_memory_save_mode", None),
-                         member_dim=any(is_member_module(module) for module in model.modules()))
+                         member_dim=any(is_member_module(module) for module in model.modules()),
+                         seed=None if seeds is None else list(seeds))  # member k probes as its single run
     else:
         raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if getattr(flags, "trac", False):

@@ -208,7 +208,7 @@ def test_a_run_with_the_methods_resumes_exactly(group, tmp_path, mnist_dir, monk
     assert comparable(read_scalars(run_dir)) == comparable(uninterrupted)
 
 
-@pytest.mark.parametrize("group", ["chain-hare-clip-schedule", "nap-parseval-per-entry", "upgd-crelu", "injection"])
+@pytest.mark.parametrize("group", ["chain-hare-clip-schedule", "nap-parseval-per-entry", "upgd-crelu", "injection", "kron"])
 def test_population_member_logs_what_its_single_run_logs(group, tmp_path, mnist_dir):
     """populations.md §2.1 with the methods on: member k of --num-seeds 2 is the run with seed s+k."""
     from tests.test_population_agents import assert_scalars_close, member_dirs
