@@ -102,8 +102,8 @@ def replay(network: str, device: torch.device, flags: dict):
 def _inject(update) -> None:
     """Inject now (what the run does at --plasticity-injection-at), so the timed update has all three heads."""
     method = update.interventions.methods.get("plasticity_injection")
-    if method is not None:
-        method.inject()
+    if method is not None:  # the env step that crosses --plasticity-injection-at 1,000,000
+        method.after_env_step(999_999, 1_000_000, False, None)
 
 
 def bench_network(network: str, device: torch.device, data_dir: str, warmup: int, repeats: int,
@@ -132,6 +132,7 @@ def bench_network(network: str, device: torch.device, data_dir: str, warmup: int
                 times["method"].append(round_times[1])
         plain_ms, method_ms = (1e3 * statistics.median(times[k]) for k in ("plain", "method"))
         results[name] = {"plain_ms": plain_ms, "method_ms": method_ms, "overhead": method_ms / plain_ms - 1}
+        print_row(name, results[name])
     for name, (flags, event) in EVENTS.items():
         if only and not any(word in name for word in only):
             continue
@@ -142,16 +143,17 @@ def bench_network(network: str, device: torch.device, data_dir: str, warmup: int
         samples = [_timed(fire, cuda) for _ in range(warmup + max(repeats // 5, 5))][warmup:]
         plain_ms = statistics.median(_timed(update, cuda) for _ in range(max(repeats // 5, 5)))
         results[name] = {"event_ms": 1e3 * statistics.median(samples), "plain_ms": 1e3 * plain_ms}
+        print_row(name, results[name])
     return results
 
 
-def print_table(network: str, label: str, results: dict) -> None:
-    print(f"\n[{label}] {network}: per-update cost over the plain update of the same network")
-    for name, row in results.items():
-        if "method_ms" in row:
-            print(f"  {name:<34} {row['method_ms']:9.3f} ms vs {row['plain_ms']:8.3f} ms  {100 * row['overhead']:+7.1f}%")
-        else:
-            print(f"  {name:<34} {row['event_ms']:9.3f} ms per event ({row['event_ms'] / row['plain_ms']:.2f} updates)")
+def print_row(name: str, row: dict) -> None:
+    if "method_ms" in row:
+        print(f"  {name:<34} {row['method_ms']:9.3f} ms vs {row['plain_ms']:8.3f} ms  {100 * row['overhead']:+7.1f}%",
+              flush=True)
+    else:
+        print(f"  {name:<34} {row['event_ms']:9.3f} ms per event ({row['event_ms'] / row['plain_ms']:.2f} updates)",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(name)
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for network in args.networks:
+            print(f"\n[{label}] {network}: per-update cost over the plain update of the same network", flush=True)
             results = bench_network(network, device, args.data_dir, args.warmup, args.repeats, args.only)
-            print_table(network, label, results)
             everything[f"{label}/{network}"] = results
     if args.json:
         with open(args.json, "w") as file:
