@@ -271,3 +271,21 @@ def test_population_benchmark_runs_end_to_end(tmp_path, one_thread, mnist_dir):
         (pair,) = entry["parallel"]["runs"]
         assert len(pair["runs_sps"]) == 2 and entry["parallel"]["sps"] == pytest.approx(sum(pair["runs_sps"]))
         assert [command[command.index("--seed") + 1] for command in pair["commands"]] == ["1", "2"]
+
+
+def test_bench_methods_times_each_method_as_the_agent_builds_it(monkeypatch, one_thread, mnist_dir):
+    """bench methods on the MNIST MLP: each row's update is an AgentUpdate of dqn.Args with that method's flags
+    (so Interventions/build_optimizer build exactly the run's method), the injection is made before timing."""
+    from scripts.benchmarks import bench_methods
+
+    built = []
+    real_update = bench_methods.agent_update
+    monkeypatch.setattr(bench_methods, "agent_update", lambda *a: built.append(real_update(*a)) or built[-1])
+    results = bench_methods.bench_network("mlp", torch.device("cpu"), str(mnist_dir), warmup=0, repeats=1,
+                                          only=["c-chain", "injection last:1", "optimiser reset"])
+    assert set(results) == {"c-chain", "injection last:1, injected", "optimiser reset (all)"}
+    enabled = [update.interventions.enabled for update in built]
+    assert () in enabled and ("c_chain",) in enabled and ("reset_optimizer",) in enabled
+    injected = next(u for u in built if "plasticity_injection" in u.interventions.enabled)
+    assert injected.interventions.methods["plasticity_injection"].scalars()["plasticity/injections"].tolist() == [1]
+    assert all(row["plain_ms"] > 0 for row in results.values())
