@@ -115,6 +115,10 @@ def check_combinations(flags, setting: Setting = DEFAULT_SETTING) -> None:
             raise ValueError(f"plasticity injection with {' '.join(clashing)}: after the injection the original "
                              "head is frozen, and these methods would rewrite it (or zero its input columns), which "
                              "no frozen tensor may undergo; drop one of them")
+    if swr and _on(flags, "parseval") and (_on(flags, "parseval_diag") or _on(flags, "input_scale_learnable")):
+        raise ValueError("--swr with --parseval-diag/--input-scale-learnable: SWR's bias rule does not rescale the "
+                         "diagonal layers' shift or the input scale, so its output scaling would no longer be exact; "
+                         "drop one of them")
     if _on(flags, "weight_clip") and _on(flags, "parseval"):
         raise ValueError("--weight-clip with --parseval: clipping bounds come from a uniform initialiser, and "
                          "--parseval switches to an orthogonal one (no bound s_l)")

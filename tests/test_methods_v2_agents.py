@@ -152,6 +152,7 @@ CONFIG_ERRORS = [
     ("c51", "--swr 0.1", "--swr-head"),
     ("dqn", "--parseval 1e-3 --parseval-diag --layer-norm", "--parseval-diag"),
     ("dqn", "--weight-clip 3 --parseval 1e-3", "--parseval"),
+    ("dqn", "--swr 0.1 --parseval 1e-3 --parseval-diag", "--parseval-diag"),
     ("dqn", "--trac --swr 0.1", "--trac"),
     ("dqn", "--trac --cbp", "--trac"),
     ("dqn", "--trac --reset-layers last:1 --reset-every 100", "--trac"),
