@@ -55,7 +55,6 @@ count with ``restore_injected_`` (it reads the weights once: a frozen θ'2 is ne
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -64,7 +63,7 @@ from torch import nn
 
 from plasticity.flags import POSITIVE_COUNT, ranged
 from plasticity.intervention import Counter, Intervention, MethodFlags, Parts, SampleObs, Setting
-from plasticity.networks import _torso_dtype, reinit_
+from plasticity.networks import reinit_, torso_autocast, torso_dtype
 from plasticity.population import NORM_LAYERS, WEIGHT_LAYERS, members_of
 
 INJECTION_HEADS = ("last:1", "last:2")
@@ -156,11 +155,11 @@ class InjectionHeads(nn.Module):
         modules = list(torso)
         one = torso.members == 1
         h = x.squeeze(0) if one else x
-        dtype = _torso_dtype.get()
+        dtype = torso_dtype()
         heads = [(self.original(torso, head), False)]
         for a, b in list(self.pairs)[:active]:
             heads += [(list(a), False), (list(b), self.detach)]
-        with torch.autocast(h.device.type, dtype=dtype) if dtype is not None else nullcontext():
+        with torso_autocast(h.device.type):
             for module in modules[:self.start]:
                 h = module(h)
             features = []

@@ -23,7 +23,7 @@ import contextvars
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +64,17 @@ def torso_precision(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         _torso_dtype.reset(token)
+
+
+def torso_dtype() -> torch.dtype | None:
+    """The dtype the torsos compute in here (``torso_precision``), None for float32."""
+    return _torso_dtype.get()
+
+
+def torso_autocast(device_type: str):
+    """The autocast block a torso's layers run under here: bfloat16 inside ``torso_precision``, else a no-op."""
+    dtype = _torso_dtype.get()
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class Torso(nn.Sequential):
@@ -117,12 +128,9 @@ class Torso(nn.Sequential):
         one = self.members == 1
         if one:
             x = x.squeeze(0)
-        dtype = _torso_dtype.get()
-        if dtype is None:
+        with torso_autocast(x.device.type):
             out = super().forward(x)
-        else:
-            with torch.autocast(x.device.type, dtype=dtype):
-                out = super().forward(x).float()
+        out = out.float() if torso_dtype() is not None else out  # features leave the torso as float32
         return out.unsqueeze(0) if one else out
 
 
