@@ -86,6 +86,14 @@ def test_expectation_verdicts():
     assert reproduce.evaluate(reproduce.Expectation("x", "m", "n", "a"), arms)["holds"] is None
 
 
+def test_ordering_text_marks_which_neighbours_separate():
+    arms = {"a": {"metrics": {"m": [0.5, 0.45, 0.55]}}, "b": {"metrics": {"m": [0.3, 0.2, 0.4]}},
+            "c": {"metrics": {"m": [0.29, 0.1, 0.35]}}, "d": {"metrics": {"m": [0.1, 0.05, 0.2]}}}
+    # a's interval lies above b's (0.45 > 0.4); b's and c's overlap; c's and d's touch (0.1 < 0.2): overlap.
+    assert reproduce.ordering_text(["a", "b", "c", "d"], arms, "m") == "a 0.5 > b 0.3 ≈ c 0.29 ≈ d 0.1"
+    assert reproduce.ordering_text(["a"], arms, "m") == "a 0.5"
+
+
 def test_every_study_is_declared_consistently():
     for study in reproduce.STUDIES.values():
         assert len(study.arms) >= 2 and study.expectations

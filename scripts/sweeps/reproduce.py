@@ -1,10 +1,14 @@
 """Reproduce the papers' effects at small scale (spec results.md, checks 1-4): a sweep, its figures, its summary.
 
-    python scripts/sweeps/reproduce.py label-shuffle            # sweep into runs/reproduce/label-shuffle,
+    python scripts/reproduce.py label-shuffle            # sweep into runs/reproduce/label-shuffle,
                                                          # figures + summary into docs/results/label-shuffle/
-    python scripts/sweeps/reproduce.py cbp --smoke --workers 2  # 2 seeds, a few hundred steps (what CI runs)
-    python scripts/sweeps/reproduce.py swr --analyze-only       # figures and summary again from the finished sweep
-    python scripts/sweeps/reproduce.py cbp --seeds-per-process 128  # on a GPU: an arm's seeds in one process
+    python scripts/reproduce.py cbp --smoke --workers 2  # 2 seeds, a few hundred steps (what CI runs)
+    python scripts/reproduce.py swr --analyze-only       # figures and summary again from the finished sweep
+    python scripts/reproduce.py cbp --seeds-per-process 128  # on a GPU: an arm's seeds in one process
+    python scripts/reproduce.py leaderboard              # every method in one table (scripts/sweeps/leaderboard.py)
+
+Version 2 of the studies (issue 17): 10 seeds per arm (``DEFAULT_SEEDS``), 3x version 1's tasks, a
+128-128 MLP; version 1's pages are in docs/results/v1/.
 
 The seeds of each arm train as one population process (benchmark.py's ``--seeds-per-process``, default
 ``auto``: up to 16 on the image MDP); ``--seeds-per-process 1`` runs one process per seed.
@@ -58,15 +62,20 @@ DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "datasets" / "mnist"
 TASK_ACCURACY = "charts/task_final_accuracy"
 ACCURACY = "charts/accuracy"
 TIMING_FILE = "reproduce_timing.json"
+#: Seeds per arm of a full study (version 2, issue 17).
+DEFAULT_SEEDS = 10
 #: Diagnostics every study reports (spec results.md / the issue): final-window value per arm.
 DIAGNOSTICS = ("plasticity/dead_frac", "plasticity/linearized_frac", "plasticity/weight_norm",
                "plasticity/effective_rank", "plasticity/feature_sv_max", "plasticity/feature_cond")
 #: Number of parallel envs of every run: one gradient update per vector step at --train-frequency 4.
 NUM_ENVS = 4
 #: Agent flags shared by every study (reasons in COMMON_REASONS).
-COMMON_FLAGS = f"--num-envs {NUM_ENVS} --learning-rate 1e-3 --start-e 0.1 --end-e 0.1"
+COMMON_FLAGS = f"--num-envs {NUM_ENVS} --learning-rate 1e-3 --start-e 0.1 --end-e 0.1 --hidden-sizes 128 128"
 COMMON_REASONS = (
-    "DQN with the default MLP torso (256-256, ReLU), Adam, batch 32, one update per 4 env steps (CleanRL).",
+    "DQN with an MLP torso of 128-128 ReLU units, Adam, batch 32, one update per 4 env steps (CleanRL). "
+    "Version 1 of the studies used the default 256-256; version 2 halves the update cost on this 2-core "
+    "CPU so that 10 seeds x 3x the tasks fit about an hour per study (the papers' MLPs span 100-2000 "
+    "units per layer).",
     "`--learning-rate 1e-3` (Adam's usual rate for MNIST MLPs, as in the papers' supervised set-ups) instead "
     "of CleanRL's Atari 1e-4, so each task is learnt within the few thousand updates a CPU run affords.",
     "`--start-e 0.1 --end-e 0.1`: constant ε, so every task, the first included, is learnt under the same "
@@ -151,15 +160,15 @@ LABEL_SHUFFLE = Study(
     shift="random_labels",
     arms={"baseline": "", "ln": "--layer-norm", "l2": "--l2 1e-5", "ln_l2": "--layer-norm --l2 1e-5"},
     flags="--gamma 0",
-    size=Size(num_tasks=10, task_steps=14_000, num_images=1000, learning_starts=1000, log_every=1000),
+    size=Size(num_tasks=30, task_steps=14_000, num_images=1000, learning_starts=1000, log_every=1000),
     reasons=(
+        "Version 2 (issue 17): 30 tasks (3x version 1's 10), 10 seeds; a one-seed-pair pilot of the 128-128 "
+        "baseline (3 tasks of 14k env steps) memorised 45-51% of the 1000 random labels of each reshuffled task.",
         "`--shift random_labels` (every image gets a fresh uniformly random label at each switch): a "
         "memorisation task, the harder of the two shuffles; with `label_permutation` a new task is one "
         "relabelling of features that stay useful, which a short run relearns without effort.",
-        "1000 images, 14k env steps (3.5k updates) per task, 10 tasks: a one-seed pilot of the baseline "
-        "(3 tasks of 15k steps) memorised about 55% of the 1000 random labels by the end of a task -- room to "
-        "fall and to rise. (The pilot ran before the agents' exploration stream was decorrelated from the "
-        "env's label stream, which may have made exploration luckier than it is now.)",
+        "1000 images, 14k env steps (3.5k updates) per task: version 1's one-seed pilot of the 256-256 baseline "
+        "(3 tasks of 15k steps) memorised about 55% of the labels by the end of a task -- room to fall and to rise.",
         "`--gamma 0`: the MDP is then the supervised problem of the paper (a contextual bandit) and the "
         "large-target-mean effect, studied separately in target-mean, stays out.",
         "The trend starts at task 1: task 0 carries MNIST's true labels, which an MLP learns by "
@@ -175,8 +184,6 @@ LABEL_SHUFFLE = Study(
                     "ln_l2"),
     ),
     first_task=1,
-    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
-            "12 tasks x 15k env steps -> 10 tasks x 14k.",
 )
 
 TARGET_MEAN = Study(
@@ -188,13 +195,15 @@ TARGET_MEAN = Study(
           "hlg_g0": "--gamma 0 --loss hl_gauss --v-min -10 --v-max 110 --n-atoms 121",
           "hlg_g0.99": "--gamma 0.99 --loss hl_gauss --v-min -10 --v-max 110 --n-atoms 121"},
     flags="--target-network-frequency 200",
-    size=Size(num_tasks=10, task_steps=12_000, num_images=2000, learning_starts=1000, log_every=1000),
+    size=Size(num_tasks=30, task_steps=12_000, num_images=2000, learning_starts=1000, log_every=1000),
     reasons=(
         "`--shift label_permutation`: at γ = 0.99 the action gap is 1 on top of Q* ≈ 100, so a "
         "memorisation task would leave nothing learnable in our budget for either loss; a permutation of "
         "the classes keeps every task learnable, and what differs is how fast it is relearnt after a switch. "
         "A one-seed γ = 0 pilot relearnt each permutation to ~99% within a 15k-step task.",
-        "2000 images, 12k env steps per task, 10 tasks.",
+        "2000 images, 12k env steps per task, 30 tasks (version 2, issue 17: 3x version 1's 10, 10 seeds; "
+        "360k env steps, 90k updates, 1800 target syncs). In version 1 (120k env steps) the TD targets "
+        "(`plasticity/target_mean`) reached only ~55-70 of Q* ~ 100; the page reports how far they get now.",
         "`--target-network-frequency 200` env steps: bootstrapping towards Q* ≈ 100 takes ~1/(1-γ) target "
         "updates; at CleanRL's 1000 that alone would take ~100k steps, half the run.",
         "HL-Gauss on [-10, 110] (covers Q* ∈ [99, 100] at γ = 0.99 and [0, 1] at γ = 0 with margin for "
@@ -211,22 +220,31 @@ TARGET_MEAN = Study(
         Expectation("HL-Gauss removes most of the gap at γ = 0.99", "accuracy_auc", "hlg_g0.99", "mse_g0.99"),
         Expectation("HL-Gauss keeps σ_1 small at γ = 0.99", "plasticity/feature_sv_max", "mse_g0.99", "hlg_g0.99"),
     ),
-    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
-            "12 -> 10 tasks.",
+    diagnostics=(*DIAGNOSTICS, "plasticity/target_mean"),  # do the TD targets reach Q* ~ 100?
 )
+
+#: Dohare et al. 2024's optimisers for the CBP study (README recipe): plain SGD, and Adam with β1 = β2.
+SGD = "--optimizer sgd --learning-rate 0.1"
+ADAM_B99 = "--adam-betas 0.99 0.99"
 
 CBP = Study(
     name="cbp",
     check="results.md 3 -- Dohare et al. 2024, Ext. Data Figs. 3-4",
     question="Does continual backprop keep units alive and accuracy up over many permuted-MNIST tasks?",
     shift="pixel_permutation",
-    arms={"baseline": "", "cbp": "--cbp", "l2": "--l2 1e-4"},
+    arms={"baseline": "", "cbp": "--cbp", "l2": "--l2 1e-4",
+          "sgd": SGD, "sgd_cbp": f"{SGD} --cbp", "adam_b99": ADAM_B99, "adam_b99_cbp": f"{ADAM_B99} --cbp"},
     flags="--gamma 0",
-    size=Size(num_tasks=12, task_steps=10_000, num_images=2000, learning_starts=1000, log_every=1000),
+    size=Size(num_tasks=36, task_steps=6_000, num_images=2000, learning_starts=1000, log_every=1000),
     reasons=(
-        "`--shift pixel_permutation` (permuted MNIST, the paper's task), 12 tasks of 10k env steps on 2000 "
-        "images: as many tasks as a few CPU minutes per run allow, each long enough to learn (an MLP sees "
-        "every permutation as the same problem, so the tasks are equally hard).",
+        "`--shift pixel_permutation` (permuted MNIST, the paper's task), 36 tasks of 6k env steps on 2000 "
+        "images (version 2, issue 17: 3x version 1's 12 tasks, 10 seeds; tasks shortened from 10k so that 7 "
+        "arms fit about an hour): a one-seed-pair pilot of the Adam baseline (3 tasks) ended every task at "
+        "0.94-0.97 (an MLP sees every permutation as the same problem, so the tasks are equally hard).",
+        f"Dohare et al.'s setting beside the Adam arms: plain SGD (`{SGD}`) and Adam with β1 = β2 = 0.99 "
+        f"(`{ADAM_B99}`), each with and without CBP. The SGD rate is from pilots of the SGD baseline only "
+        "(2 seeds, 3 tasks): 0.01 ended tasks at 0.35-0.53, 0.03 at 0.52-0.88, 0.1 at 0.78-0.95 (chosen: the only rate that learns a task within "
+        "its steps, as Adam's 1e-3 does).",
         "`--gamma 0`: supervised-like, as in the paper.",
         "`--cbp` with the defaults (replacement rate 1e-4, maturity 100, decay 0.99, contribution "
         "utility): the paper's values for MNIST.",
@@ -240,10 +258,16 @@ CBP = Study(
         Expectation("effective rank falls without CBP", "plasticity/effective_rank", "cbp", "baseline"),
         Expectation("L2 alone flattens the weight magnitude", "plasticity/weight_magnitude", "baseline", "l2"),
         Expectation("... but does not stop dead units (more than CBP)", "plasticity/dead_frac", "l2", "cbp"),
+        Expectation("with SGD (the paper's setting) dead units grow without CBP", "plasticity/dead_frac", "sgd",
+                    "sgd_cbp"),
+        Expectation("with SGD, per-task accuracy holds better with CBP", "slope", "sgd_cbp", "sgd"),
+        Expectation("with SGD, effective rank stays higher with CBP", "plasticity/effective_rank", "sgd_cbp", "sgd"),
+        Expectation("with β1 = β2 Adam, dead units grow without CBP", "plasticity/dead_frac", "adam_b99",
+                    "adam_b99_cbp"),
+        Expectation("with β1 = β2 Adam, per-task accuracy holds better with CBP", "slope", "adam_b99_cbp",
+                    "adam_b99"),
     ),
     diagnostics=(*DIAGNOSTICS, "plasticity/weight_magnitude"),
-    resized="Cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
-            "16 -> 14 tasks, and to 12 tasks when the studies ran slower than planned on the shared CPU.",
 )
 
 SWR = Study(
@@ -254,11 +278,12 @@ SWR = Study(
     shift="random_labels",
     arms={"baseline": "", "swr": "--swr 1e-3"},
     flags="--gamma 0",
-    size=Size(num_tasks=12, task_steps=15_000, num_images=1000, learning_starts=1000, log_every=1000),
+    size=Size(num_tasks=36, task_steps=15_000, num_images=1000, learning_starts=1000, log_every=1000),
     reasons=(
         "The label-shuffle MDP (`random_labels`, 1000 images, 15k env steps per task, γ = 0), whose "
         "weights keep growing (the pilot's total norm went 18 -> 35 in three tasks), run with longer "
-        "tasks (15k env steps) and more of them: 12 tasks (180k env steps).",
+        "tasks (15k env steps) and more of them: 36 tasks (540k env steps; version 2, issue 17: 3x version 1's "
+        "12, 10 seeds).",
         "`--swr 1e-3` (the spec's example value): each update pulls every layer's norm 0.1% of the way "
         "back to its initial norm, a time constant of ~1000 updates, shorter than a task (3.75k updates), "
         "so a plateau can show within the run.",
@@ -274,9 +299,6 @@ SWR = Study(
     ),
     diagnostics=(*DIAGNOSTICS, "plasticity/weight_norm/*"),
     first_task=1,
-    resized="Planned at 20 tasks, set to 16 before any launch (time box); then "
-            "cut before any result was read: a first launch at 11:45 UTC was stopped after two minutes when the agents' `--shift-every` changed from vector steps to env steps under it, and the sizes were cut so that all four studies fit the time left: "
-            "16 -> 12 tasks.",
 )
 
 STUDIES: dict[str, Study] = {study.name: study for study in (LABEL_SHUFFLE, TARGET_MEAN, CBP, SWR)}
@@ -488,6 +510,17 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
 
+def ordering_text(order: list[str], arms: dict, metric: str) -> str:
+    """``a 0.5 > b 0.3 ≈ c 0.29``: each arm after the one above it, ``>`` where their 95% CIs do not overlap."""
+    text = ""
+    for above, arm in zip([None, *order], order):
+        if above is not None:
+            separated = arms[arm]["metrics"][metric][2] < arms[above]["metrics"][metric][1]
+            text += " > " if separated else " ≈ "
+        text += f"{arm} {_fmt(arms[arm]['metrics'][metric][0])}"
+    return text
+
+
 def markdown(study: Study, summary: dict, settings: dict) -> str:
     arms = summary["arms"]
     timing = settings.get("timing")
@@ -521,8 +554,8 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
                      f"{_cell(m.get('mean_task_accuracy'))} | {_cell(m.get('last_task_accuracy'))} | "
                      f"{_cell(m.get('accuracy_auc'))} |")
     for metric, order in summary["orderings"].items():
-        values = ", ".join(f"{arm} {_fmt(arms[arm]['metrics'][metric][0])}" for arm in order)
-        lines.append(f"\nOrdering by {metric.replace('_', ' ')} (high to low): {values}.")
+        lines.append(f"\nOrdering by {metric.replace('_', ' ')} (high to low; `>`: the two CIs separate, `≈`: "
+                     f"they overlap): {ordering_text(order, arms, metric)}.")
     diagnostics = summary["diagnostics"]
     lines += ["", "## Diagnostics", "", "![diagnostics](diagnostics.png)", "",
               f"Mean over seeds of each run's mean over its last {summary['final_frac']:.0%} of steps "
@@ -563,13 +596,26 @@ def analyze(study: Study, sweep_dir: Path, out_dir: Path, settings: dict, final_
 
 # ---- command line ----
 
+def _data_dir(given: str | None) -> str:
+    """The MNIST folder the agents get ("": the agents' own default)."""
+    if given:
+        if not Path(given).is_dir():
+            raise FileNotFoundError(f"--data-dir {given} is not a folder; point it at the folder holding MNIST's "
+                                    "t10k-*-idx*-ubyte.gz files")
+        return str(Path(given).absolute())
+    return str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Reproduce one paper effect at small scale: sweep, figures, summary.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("study", help=f"one of: {', '.join(STUDIES)}")
+    parser.add_argument("study", help=f"one of: {', '.join(STUDIES)}, leaderboard (every method, "
+                        "scripts/sweeps/leaderboard.py)")
     parser.add_argument("--smoke", action="store_true", help="CI size: 2 seeds, 4 tasks of 160 env steps, 100 "
                         "images, a 32-32 MLP (checks the machinery, not the effect)")
-    parser.add_argument("--num-seeds", type=int, help="seeds 1..N per arm (default: 3, smoke 2)")
+    parser.add_argument("--num-seeds", type=int, help=f"seeds 1..N per arm (default: {DEFAULT_SEEDS}, smoke 2)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME", help="leaderboard only: these methods (and the "
+                        "baseline) instead of all of them")
     parser.add_argument("--workers", type=int, default=2, help="agent processes at once (benchmark.py --workers)")
     parser.add_argument("--seeds-per-process", metavar="K|auto", help="benchmark.py --seeds-per-process: up to K "
                         "seeds of an arm in one population process (default: benchmark.py's auto, 16 on the image "
@@ -592,30 +638,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.study not in STUDIES:
-            raise ValueError(f"unknown study {args.study!r}; one of: {', '.join(STUDIES)}")
-        study = STUDIES[args.study]
+        if args.study not in (*STUDIES, "leaderboard"):
+            raise ValueError(f"unknown study {args.study!r}; one of: {', '.join(STUDIES)}, leaderboard")
+        if args.methods and args.study != "leaderboard":
+            raise ValueError("--methods chooses the leaderboard's methods; a study's arms are fixed")
         if args.num_seeds is not None and args.num_seeds < 1:
             raise ValueError(f"--num-seeds must be at least 1, got {args.num_seeds}")
         if args.seeds_per_process is not None:
             parse_seeds_per_process(args.seeds_per_process)
         if not 0.0 < args.final_frac <= 0.5:
             raise ValueError(f"--final-frac must be in (0, 0.5] (growth compares it with mid-run), got {args.final_frac}")
-        seeds = list(range(1, (args.num_seeds or (2 if args.smoke else 3)) + 1))
+        seeds = list(range(1, (args.num_seeds or (2 if args.smoke else DEFAULT_SEEDS)) + 1))
+        data_dir = _data_dir(args.data_dir)
+        if args.study == "leaderboard":
+            from scripts.sweeps import leaderboard  # it builds on this module
+            return leaderboard.main(args, argv, seeds, data_dir)
+        study = STUDIES[args.study]
         size, extra = (SMOKE_SIZE, SMOKE_FLAGS) if args.smoke else (study.size, "")
         default_sweep = PROJECT_ROOT / "runs" / ("reproduce-smoke" if args.smoke else "reproduce") / study.name
         sweep_dir = Path(args.sweep_dir).absolute() if args.sweep_dir else default_sweep
         out_dir = Path(args.out_dir) if args.out_dir else (
             sweep_dir / "results" if args.smoke else PROJECT_ROOT / "docs" / "results" / study.name)
-        if args.data_dir:
-            if not Path(args.data_dir).is_dir():
-                raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder; point it at the folder "
-                                        "holding MNIST's t10k-*-idx*-ubyte.gz files")
-            data_dir = str(Path(args.data_dir).absolute())
-        else:
-            data_dir = str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else ""
         run_argv = [arg for arg in argv if arg != "--analyze-only"]  # the command that runs the study
-        settings = {"command": shlex.join(["python", "scripts/sweeps/reproduce.py", *run_argv]), "smoke": args.smoke,
+        settings = {"command": shlex.join(["python", "scripts/reproduce.py", *run_argv]), "smoke": args.smoke,
                     "common": f"{study.common_flags(size)} {extra}".strip(), "seeds": seeds}
         if args.analyze_only:
             if not (sweep_dir / "runs").is_dir():
