@@ -47,7 +47,7 @@ FLAGS = "--gamma 0"
 #: HL-Gauss at γ = 0: rewards are 0 or 1, so Q ∈ [0, 1]; [-1, 2] leaves room for the Gaussian's tails,
 #: 31 bins of width 0.1, σ = 0.75 bins (the default ratio of Farebrother et al. 2024).
 HL_GAUSS = "--loss hl_gauss --v-min -1 --v-max 2 --n-atoms 31"
-#: Placeholder in a method's flags: the env step at half the run (where a once-only method acts).
+#: Written in a method's flags for the env step at half the run (where a once-only method acts).
 HALF = "{half}"
 
 
