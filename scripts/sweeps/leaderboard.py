@@ -25,7 +25,6 @@ with an independent stratified bootstrap), plus the matrix of P(row > column) be
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import time
 from dataclasses import dataclass
@@ -252,10 +251,6 @@ def write_figures(summary: dict, out_dir: Path, dpi: int) -> list[Path]:
     return paths
 
 
-def _cell(triple) -> str:
-    return reproduce._cell(triple)
-
-
 def markdown(summary: dict, settings: dict) -> str:
     problems, table = summary["problems"], summary["methods"]
     lines = [f"# {NAME}: every method on {' and '.join(problems)}", ""]
@@ -285,15 +280,15 @@ def markdown(summary: dict, settings: dict) -> str:
               + " | ".join(f"{p} score | {p} slope" for p in problems) + " |",
               "|---|---|---|---|" + "---|---|" * len(problems)]
     for rank, m in enumerate(summary["ranking"], 1):
-        row = [_cell(table[m]["problems"][p]["metrics"].get(key)) for p in problems for key in (SCORE, "slope")]
-        lines.append(f"| {rank} | {m} | {_cell(table[m]['iqm'])} | {_cell(table[m]['p_improvement'])} | "
+        row = [reproduce._cell(table[m]["problems"][p]["metrics"].get(key)) for p in problems for key in (SCORE, "slope")]
+        lines.append(f"| {rank} | {m} | {reproduce._cell(table[m]['iqm'])} | {reproduce._cell(table[m]['p_improvement'])} | "
                      + " | ".join(row) + " |")
     lines += ["", "## Diagnostics at the end", "",
               "Each run's mean over its final window, mean over seeds [95% CI].", "",
               "| method | " + " | ".join(f"{p} {tag.split('/')[-1]}" for p in problems for tag in DIAGNOSTICS) + " |",
               "|---|" + "---|" * (len(problems) * len(DIAGNOSTICS))]
     for m in summary["ranking"]:
-        row = [_cell(table[m]["problems"][p]["metrics"].get(tag)) for p in problems for tag in DIAGNOSTICS]
+        row = [reproduce._cell(table[m]["problems"][p]["metrics"].get(tag)) for p in problems for tag in DIAGNOSTICS]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "## P(row > column)", "", "![probability of improvement](poi_matrix.png)", ""]
     return "\n".join(lines) + "\n"
@@ -307,7 +302,7 @@ def analyze(sweep_root: Path, out_dir: Path, settings: dict, final_frac: float, 
         if not folder.is_dir():
             raise FileNotFoundError(f"no runs in {folder}; run `python scripts/reproduce.py {NAME}` first")
         runs = load_runs([folder], wanted=lambda tag: tag in wanted)
-        per_problem[problem.name] = scores_by_method(Study(**{**problem.__dict__}), runs, final_frac)
+        per_problem[problem.name] = scores_by_method(problem, runs, final_frac)
     summary = summarize(per_problem, reps)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.update(settings=settings, figures=[path.name for path in write_figures(summary, out_dir, dpi)])
@@ -350,6 +345,5 @@ def main(args, argv: list[str], seeds: list[int], data_dir: str) -> int:
           f"(analysis {time.time() - started:.1f} s)")
     for rank, m in enumerate(summary["ranking"], 1):
         iqm = summary["methods"][m]["iqm"]
-        print(f"  {rank:2d}. {m:14s} IQM {iqm[0]:.3f} [{iqm[1]:.3f}, {iqm[2]:.3f}]"
-              + ("" if not math.isfinite(iqm[0]) else ""))
+        print(f"  {rank:2d}. {m:14s} IQM {iqm[0]:.3f} [{iqm[1]:.3f}, {iqm[2]:.3f}]")
     return 0
