@@ -77,9 +77,9 @@ METHODS: dict[str, Method] = {
     # ---- methods-v2.md ----
     "adamw": Method("--optimizer adamw --weight-decay 1e-2", "v2 1; Loshchilov & Hutter (torch's AdamW default "
                     "decay, set explicitly)"),
-    "sgd": Method("--optimizer sgd --learning-rate 0.1", "v2 1; Dohare et al.'s optimiser (rate from the cbp "
+    "sgd": Method(reproduce.SGD, "v2 1; Dohare et al.'s optimiser (rate from the cbp "
                   "study's SGD baseline pilots)"),
-    "adam_b99": Method("--adam-betas 0.99 0.99", "v2 1; Dohare et al. 2024's non-stationary Adam (β1 = β2)"),
+    "adam_b99": Method(reproduce.ADAM_B99, "v2 1; Dohare et al. 2024's non-stationary Adam (β1 = β2)"),
     "reset_opt": Method("--reset-optimizer target-update", "v2 2; Asadi et al. 2023 (at every target sync, "
                         "1000 env steps)"),
     "reset_last2": Method("--reset-layers last:2 --reset-at-task-switch", "v2 4; Nikishin et al. 2022 / BBF's "
