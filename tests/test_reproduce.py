@@ -62,10 +62,15 @@ def test_run_metrics_follow_their_definitions():
     assert reproduce.run_metric(run, "mean_task_accuracy", 1, 0.1) == pytest.approx(0.4)
     assert reproduce.run_metric(run, "last_task_accuracy", 1, 0.1) == 0.6
     assert reproduce.run_metric(run, "accuracy_auc", 1, 0.1) == pytest.approx(0.3)  # all of charts/accuracy
+    # thirds of tasks 1..3 (one task each); of tasks 0..3: [1, .2], [.4], [.6]
+    assert [reproduce.run_metric(run, m, 1, 0.1) for m in reproduce.THIRDS] == pytest.approx([0.2, 0.4, 0.6])
+    assert [reproduce.run_metric(run, m, 0, 0.1) for m in reproduce.THIRDS] == pytest.approx([0.6, 0.4, 0.6])
     assert reproduce.run_metric(run, "plasticity/weight_norm", 1, 0.25) == 4.0  # steps >= 0.75 * 400: 3, 5
     # growth: final window (steps >= 300 with frac 0.25) mean 4.0 over the window ending at mid-run
     # (steps in [100, 200]) mean 1.5, minus 1.
     assert reproduce.run_metric(run, "growth:plasticity/weight_norm", 1, 0.25) == pytest.approx(4.0 / 1.5 - 1)
+    with pytest.raises(ValueError, match="needs 3"):
+        reproduce.run_metric(run, "late_task_accuracy", 2, 0.1)
     no_switch = fake_run({reproduce.ACCURACY: ([100], [0.5])}, last_step=100)
     with pytest.raises(ValueError, match="no charts/task_final_accuracy"):
         reproduce.run_metric(no_switch, "slope", 0, 0.1)

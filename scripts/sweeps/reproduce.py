@@ -25,6 +25,9 @@ Numbers of the summary (``summary.json``, ``summary.md``), per arm:
   against the task index (``stats.task_slopes``), from the study's ``first_task`` on;
 - ``mean_task_accuracy`` / ``last_task_accuracy``: each run's mean / last per-task final accuracy;
 - ``accuracy_auc``: each run's mean of ``charts/accuracy`` over the whole run (how fast it relearns);
+- ``early_task_accuracy`` / ``middle_task_accuracy`` / ``late_task_accuracy``: each run's mean per-task
+  final accuracy over the first / middle / last third of its tasks (``numpy.array_split`` of the tasks
+  from ``first_task`` on: does an advantage last, or fade?);
 - each diagnostic tag: each run's mean over the final window (last ``--final-frac`` of its steps);
 - ``growth:<tag>``: final-window mean / mean over the window ending at mid-run, minus 1 (does it
   still grow late in the run, or has it plateaued?).
@@ -217,7 +220,10 @@ TARGET_MEAN = Study(
                     "mse_g0.99", "mse_g0"),
         Expectation("feature condition number much larger at γ = 0.99 (regression)", "plasticity/feature_cond",
                     "mse_g0.99", "mse_g0"),
-        Expectation("HL-Gauss removes most of the gap at γ = 0.99", "accuracy_auc", "hlg_g0.99", "mse_g0.99"),
+        # The paper: HL-Gauss removes most of the gap. Checked here is the direction only; how much of the gap
+        # it closes, and for how long, is in the page's thirds table.
+        Expectation("HL-Gauss relearns faster at γ = 0.99 (the paper: it removes most of the gap)", "accuracy_auc",
+                    "hlg_g0.99", "mse_g0.99"),
         Expectation("HL-Gauss keeps σ_1 small at γ = 0.99", "plasticity/feature_sv_max", "mse_g0.99", "hlg_g0.99"),
     ),
     diagnostics=(*DIAGNOSTICS, "plasticity/target_mean"),  # do the TD targets reach Q* ~ 100?
@@ -382,6 +388,11 @@ def run_metric(run: RunData, metric: str, first_task: int, final_frac: float) ->
         return float(_task_values(run, first_task).mean())
     if metric == "last_task_accuracy":
         return float(_task_values(run, first_task)[-1])
+    if metric in THIRDS:
+        tasks = _task_values(run, first_task)
+        if len(tasks) < 3:
+            raise ValueError(f"run {run.name} has {len(tasks)} task(s) from task {first_task} on; {metric} needs 3")
+        return float(np.array_split(tasks, 3)[THIRDS.index(metric)].mean())
     if metric == "accuracy_auc":
         series = run.scalars[ACCURACY]
         return stats.final_window_mean(series.steps, series.values, run.last_step, 1.0)
@@ -391,7 +402,8 @@ def run_metric(run: RunData, metric: str, first_task: int, final_frac: float) ->
     return stats.final_window_mean(series.steps, series.values, run.last_step, final_frac)
 
 
-ACCURACY_METRICS = ("slope", "mean_task_accuracy", "last_task_accuracy", "accuracy_auc")
+THIRDS = ("early_task_accuracy", "middle_task_accuracy", "late_task_accuracy")
+ACCURACY_METRICS = ("slope", "mean_task_accuracy", "last_task_accuracy", "accuracy_auc", *THIRDS)
 
 
 def expand_metric(metric: str, tags: list[str]) -> list[str]:
@@ -410,6 +422,8 @@ def arm_metrics(group: Group, metrics: list[str], study: Study, final_frac: floa
     for metric in metrics:
         tag = metric.removeprefix("growth:")
         runs = [run for run in group.runs if metric in ACCURACY_METRICS or tag in run.scalars]
+        if metric in THIRDS:  # a run with fewer than 3 tasks has no thirds
+            runs = [run for run in runs if len(_task_values(run, study.first_task)) >= 3]
         if metric == "slope":
             task_values = [_task_values(run, study.first_task) for run in runs]
             result[metric] = list(stats.mean_slope_ci(task_values, reps, confidence, seed))
@@ -556,6 +570,10 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
     for metric, order in summary["orderings"].items():
         lines.append(f"\nOrdering by {metric.replace('_', ' ')} (high to low; `>`: the two CIs separate, `≈`: "
                      f"they overlap): {ordering_text(order, arms, metric)}.")
+    lines += ["", f"Mean per-task final accuracy by thirds of the tasks ({first}; does an advantage last?):", "",
+              "| arm | first third | middle third | last third |", "|---|---|---|---|"]
+    lines += [f"| {arm} | " + " | ".join(_cell(data["metrics"].get(metric)) for metric in THIRDS) + " |"
+              for arm, data in arms.items()]
     diagnostics = summary["diagnostics"]
     lines += ["", "## Diagnostics", "", "![diagnostics](diagnostics.png)", "",
               f"Mean over seeds of each run's mean over its last {summary['final_frac']:.0%} of steps "
