@@ -12,6 +12,7 @@ import pytest
 from tb_reference import accumulate
 
 from scripts.analysis import stats
+from scripts.analysis.groups import Group
 from scripts.analysis.tbreader import RunData, Series
 from scripts.sweeps import reproduce
 
@@ -74,6 +75,23 @@ def test_run_metrics_follow_their_definitions():
     no_switch = fake_run({reproduce.ACCURACY: ([100], [0.5])}, last_step=100)
     with pytest.raises(ValueError, match="no charts/task_final_accuracy"):
         reproduce.run_metric(no_switch, "slope", 0, 0.1)
+
+
+def test_a_diagnostic_undefined_in_some_runs_is_averaged_over_the_others_and_counted():
+    def run(cond: float) -> RunData:
+        return fake_run({reproduce.TASK_ACCURACY: ([100, 200, 300, 400], [1.0, 0.2, 0.4, 0.6]),
+                         reproduce.ACCURACY: ([400], [0.5]), "plasticity/feature_cond": ([400], [cond])},
+                        last_step=400)
+    study = reproduce.STUDIES["label-shuffle"]
+    group = Group(values={"variant": "baseline"}, runs=[run(2.0), run(float("nan")), run(4.0)])
+    undefined: dict[str, int] = {}
+    metrics = reproduce.arm_metrics(group, ["plasticity/feature_cond", "mean_task_accuracy"], study, 0.1, 200, 0.95,
+                                    0, undefined)
+    assert metrics["plasticity/feature_cond"][0] == pytest.approx(3.0)  # the two runs where it is defined
+    assert undefined == {"plasticity/feature_cond": 1}
+    all_nan = Group(values={"variant": "baseline"}, runs=[run(float("nan"))])
+    assert np.isnan(reproduce.arm_metrics(all_nan, ["plasticity/feature_cond"], study, 0.1, 200, 0.95, 0)[
+        "plasticity/feature_cond"]).all()
 
 
 def test_expectation_verdicts():

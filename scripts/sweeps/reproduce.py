@@ -416,8 +416,12 @@ def expand_metric(metric: str, tags: list[str]) -> list[str]:
 
 
 def arm_metrics(group: Group, metrics: list[str], study: Study, final_frac: float, reps: int, confidence: float,
-                seed: int) -> dict[str, list[float]]:
-    """[mean over seeds, CI low, CI high] of every metric for one arm (runs lacking a tag are left out)."""
+                seed: int, undefined: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """[mean over seeds, CI low, CI high] of every metric for one arm (runs lacking a tag are left out).
+
+    A diagnostic that is NaN by definition in some runs (``feature_cond`` when every unit is dead) is
+    averaged over the runs where it is defined; ``undefined`` (if given) receives how many runs were not.
+    """
     result = {}
     for metric in metrics:
         tag = metric.removeprefix("growth:")
@@ -429,7 +433,12 @@ def arm_metrics(group: Group, metrics: list[str], study: Study, final_frac: floa
             result[metric] = list(stats.mean_slope_ci(task_values, reps, confidence, seed))
         elif runs:
             values = np.array([run_metric(run, metric, study.first_task, final_frac) for run in runs])
-            result[metric] = _interval(values, reps, confidence, seed)
+            defined = ~np.isnan(values)
+            if metric not in ACCURACY_METRICS and not defined.all():
+                if undefined is not None:
+                    undefined[metric] = int((~defined).sum())
+                values = values[defined]
+            result[metric] = _interval(values, reps, confidence, seed) if len(values) else [math.nan] * 3
     return result
 
 
@@ -462,10 +471,12 @@ def summarize(study: Study, runs: list[RunData], final_frac: float, reps: int, c
     arms = {}
     for group in groups:
         arm = group.values["variant"]
+        undefined: dict[str, int] = {}
         arms[arm] = {"runs": len(group.runs), "seeds": sorted(run.config.get("seed") for run in group.runs),
                      "tasks": sorted({len(_task_values(run, 0)) for run in group.runs}),
                      "completed": sum(run.completed for run in group.runs),
-                     "metrics": arm_metrics(group, metrics, study, final_frac, reps, confidence, seed)}
+                     "metrics": arm_metrics(group, metrics, study, final_frac, reps, confidence, seed, undefined),
+                     "undefined_runs": undefined}
     expectations = []
     for expectation in study.expectations:
         for metric in expand_metric(expectation.metric, tags):
@@ -580,8 +591,17 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
               "[95% bootstrap CI over seeds].", "",
               "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     extra = [e["metric"] for e in summary["expectations"] if e["metric"].startswith("growth:")]
-    for metric in dict.fromkeys([*diagnostics, *extra]):
-        lines.append(f"| {metric} | " + " | ".join(_cell(arms[arm]["metrics"].get(metric)) for arm in arms) + " |")
+    def diagnostic_cell(arm: str, metric: str) -> str:
+        missing = arms[arm].get("undefined_runs", {}).get(metric, 0)
+        runs = arms[arm]["runs"]
+        return _cell(arms[arm]["metrics"].get(metric)) + (f" ({runs - missing}/{runs} runs)" if missing else "")
+
+    cells = {metric: [diagnostic_cell(arm, metric) for arm in arms] for metric in dict.fromkeys([*diagnostics, *extra])}
+    lines += [f"| {metric} | " + " | ".join(row) + " |" for metric, row in cells.items()]
+    if any("runs)" in cell for row in cells.values() for cell in row):
+        lines += ["", "(k/n runs): the metric is undefined (NaN) in the other runs' final window, and the value is "
+                  "over the k runs where it is defined: `feature_cond` and `feature_mean_alignment` are undefined "
+                  "when every unit of the feature layer is dead (plasticity/diagnostics.py)."]
     lines += ["", "## The paper's direction", "",
               "| paper | metric | expected | observed | holds? |", "|---|---|---|---|---|"]
     for e in summary["expectations"]:
