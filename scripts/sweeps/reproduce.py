@@ -591,14 +591,15 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
               "[95% bootstrap CI over seeds].", "",
               "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     extra = [e["metric"] for e in summary["expectations"] if e["metric"].startswith("growth:")]
+    shown = list(dict.fromkeys([*diagnostics, *extra]))
+
     def diagnostic_cell(arm: str, metric: str) -> str:
         missing = arms[arm].get("undefined_runs", {}).get(metric, 0)
         runs = arms[arm]["runs"]
         return _cell(arms[arm]["metrics"].get(metric)) + (f" ({runs - missing}/{runs} runs)" if missing else "")
 
-    cells = {metric: [diagnostic_cell(arm, metric) for arm in arms] for metric in dict.fromkeys([*diagnostics, *extra])}
-    lines += [f"| {metric} | " + " | ".join(row) + " |" for metric, row in cells.items()]
-    if any("runs)" in cell for row in cells.values() for cell in row):
+    lines += [f"| {metric} | " + " | ".join(diagnostic_cell(arm, metric) for arm in arms) + " |" for metric in shown]
+    if any(arms[arm].get("undefined_runs", {}).get(metric) for arm in arms for metric in shown):
         lines += ["", "(k/n runs): the metric is undefined (NaN) in the other runs' final window, and the value is "
                   "over the k runs where it is defined: `feature_cond` and `feature_mean_alignment` are undefined "
                   "when every unit of the feature layer is dead (plasticity/diagnostics.py)."]
