@@ -280,15 +280,15 @@ def markdown(summary: dict, settings: dict) -> str:
               + " | ".join(f"{p} score | {p} slope" for p in problems) + " |",
               "|---|---|---|---|" + "---|---|" * len(problems)]
     for rank, m in enumerate(summary["ranking"], 1):
-        row = [reproduce._cell(table[m]["problems"][p]["metrics"].get(key)) for p in problems for key in (SCORE, "slope")]
-        lines.append(f"| {rank} | {m} | {reproduce._cell(table[m]['iqm'])} | {reproduce._cell(table[m]['p_improvement'])} | "
+        row = [reproduce.interval_text(table[m]["problems"][p]["metrics"].get(key)) for p in problems for key in (SCORE, "slope")]
+        lines.append(f"| {rank} | {m} | {reproduce.interval_text(table[m]['iqm'])} | {reproduce.interval_text(table[m]['p_improvement'])} | "
                      + " | ".join(row) + " |")
     lines += ["", "## Diagnostics at the end", "",
               "Each run's mean over its final window, mean over seeds [95% CI].", "",
               "| method | " + " | ".join(f"{p} {tag.split('/')[-1]}" for p in problems for tag in DIAGNOSTICS) + " |",
               "|---|" + "---|" * (len(problems) * len(DIAGNOSTICS))]
     for m in summary["ranking"]:
-        row = [reproduce._cell(table[m]["problems"][p]["metrics"].get(tag)) for p in problems for tag in DIAGNOSTICS]
+        row = [reproduce.interval_text(table[m]["problems"][p]["metrics"].get(tag)) for p in problems for tag in DIAGNOSTICS]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "## P(row > column)", "", "![probability of improvement](poi_matrix.png)", ""]
     return "\n".join(lines) + "\n"

@@ -527,7 +527,8 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
-def _cell(triple: list[float] | None) -> str:
+def interval_text(triple: list[float] | None) -> str:
+    """A table cell: "mean [low, high]", or n/a (the leaderboard's tables use it too)."""
     return "n/a" if triple is None else f"{_fmt(triple[0])} [{_fmt(triple[1])}, {_fmt(triple[2])}]"
 
 
@@ -575,15 +576,15 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for arm, data in arms.items():
         m = data["metrics"]
-        lines.append(f"| {arm} | {data['runs']} | {'/'.join(map(str, data['tasks']))} | {_cell(m.get('slope'))} | "
-                     f"{_cell(m.get('mean_task_accuracy'))} | {_cell(m.get('last_task_accuracy'))} | "
-                     f"{_cell(m.get('accuracy_auc'))} |")
+        lines.append(f"| {arm} | {data['runs']} | {'/'.join(map(str, data['tasks']))} | {interval_text(m.get('slope'))} | "
+                     f"{interval_text(m.get('mean_task_accuracy'))} | {interval_text(m.get('last_task_accuracy'))} | "
+                     f"{interval_text(m.get('accuracy_auc'))} |")
     for metric, order in summary["orderings"].items():
         lines.append(f"\nOrdering by {metric.replace('_', ' ')} (high to low; `>`: the two CIs separate, `≈`: "
                      f"they overlap): {ordering_text(order, arms, metric)}.")
     lines += ["", f"Mean per-task final accuracy by thirds of the tasks ({first}; does an advantage last?):", "",
               "| arm | first third | middle third | last third |", "|---|---|---|---|"]
-    lines += [f"| {arm} | " + " | ".join(_cell(data["metrics"].get(metric)) for metric in THIRDS) + " |"
+    lines += [f"| {arm} | " + " | ".join(interval_text(data["metrics"].get(metric)) for metric in THIRDS) + " |"
               for arm, data in arms.items()]
     diagnostics = summary["diagnostics"]
     lines += ["", "## Diagnostics", "", "![diagnostics](diagnostics.png)", "",
@@ -596,7 +597,7 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
     def diagnostic_cell(arm: str, metric: str) -> str:
         missing = arms[arm].get("undefined_runs", {}).get(metric, 0)
         runs = arms[arm]["runs"]
-        return _cell(arms[arm]["metrics"].get(metric)) + (f" ({runs - missing}/{runs} runs)" if missing else "")
+        return interval_text(arms[arm]["metrics"].get(metric)) + (f" ({runs - missing}/{runs} runs)" if missing else "")
 
     lines += [f"| {metric} | " + " | ".join(diagnostic_cell(arm, metric) for arm in arms) + " |" for metric in shown]
     if any(arms[arm].get("undefined_runs", {}).get(metric) for arm in arms for metric in shown):
@@ -607,7 +608,7 @@ def markdown(study: Study, summary: dict, settings: dict) -> str:
               "| paper | metric | expected | observed | holds? |", "|---|---|---|---|---|"]
     for e in summary["expectations"]:
         relation = ">" if e["kind"] == "greater" else "not below"
-        observed = f"{e['higher']} {_cell(e['observed'][0])} vs {e['lower']} {_cell(e['observed'][1])}"
+        observed = f"{e['higher']} {interval_text(e['observed'][0])} vs {e['lower']} {interval_text(e['observed'][1])}"
         if e["holds"] is None:
             verdict = "n/a"
         else:
